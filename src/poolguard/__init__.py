@@ -1,0 +1,40 @@
+"""poolguard: keeps one rogue query from taking down a web stack.
+
+Public names only; see docs/ for the concepts and the configuration reference.
+"""
+
+from .budget import Budget
+from .errors import (
+    BudgetExceeded,
+    PoolGuardError,
+    PoolSaturated,
+    QueryQuarantined,
+    QueryTimeout,
+)
+
+__all__ = [
+    "Budget",
+    "BudgetExceeded",
+    "PoolGuard",
+    "PoolGuardError",
+    "PoolGuardMiddleware",
+    "PoolSaturated",
+    "QueryQuarantined",
+    "QueryTimeout",
+]
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # PoolGuard and the middleware import SQLAlchemy's engine and Starlette; load them on
+    # first use so that `import poolguard.fingerprint` (the pytest plugin, the CLI) stays light.
+    if name == "PoolGuard":
+        from .guard import PoolGuard
+
+        return PoolGuard
+    if name == "PoolGuardMiddleware":
+        from .middleware import PoolGuardMiddleware
+
+        return PoolGuardMiddleware
+    raise AttributeError(f"module 'poolguard' has no attribute {name!r}")

@@ -1,0 +1,266 @@
+"""The exception hierarchy, and how each refusal maps onto HTTP.
+
+Each error subclasses the SQLAlchemy error that code already catches for the same
+situation, so adopting poolguard never breaks an existing ``except`` clause. None of
+them carries SQL literals or bound parameters: only the statement's fingerprint, its
+literal-free summary and numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import exc as sa_exc
+
+__all__ = [
+    "BudgetExceeded",
+    "PoolGuardError",
+    "PoolSaturated",
+    "QueryQuarantined",
+    "QueryTimeout",
+]
+
+
+class PoolGuardError(Exception):
+    """Base of every refusal poolguard makes.
+
+    ``http_status`` and ``retry_after`` tell the middleware how to answer; ``kind``
+    is a stable, low-cardinality name used in problem documents, metrics and logs.
+    """
+
+    kind: str = "poolguard-error"
+    title: str = "Database protection refused the request"
+    http_status: int = 503
+    retry_after: float | None = None
+    partition: str | None = None
+
+    def problem(self) -> dict[str, Any]:
+        """An RFC 9457 problem document: no SQL, parameters or tracebacks."""
+        body: dict[str, Any] = {
+            "type": f"https://poolguard.dev/problems/{self.kind}",
+            "title": self.title,
+            "status": self.http_status,
+            "detail": self.detail(),
+        }
+        if self.retry_after is not None:
+            body["retry_after"] = round(self.retry_after, 3)
+        return body
+
+    def detail(self) -> str:
+        return self.title
+
+
+class QueryTimeout(PoolGuardError, sa_exc.OperationalError):
+    """A statement ran past its timeout and the server (or the watchdog) stopped it.
+
+    The connection is healthy afterwards; the transaction it ran in is rolled back or
+    aborted, as after any failed statement.
+    """
+
+    kind = "query-timeout"
+    title = "A database statement took too long"
+    http_status = 504
+
+    def __init__(
+        self,
+        *,
+        fingerprint: str,
+        summary: str,
+        normalized: str,
+        timeout: float,
+        elapsed: float,
+        orig: BaseException | None = None,
+        partition: str | None = None,
+    ) -> None:
+        # The literal-free normal form stands in for the statement so that SQLAlchemy's
+        # own message ("[SQL: ...]") cannot leak literals; parameters are never kept.
+        sa_exc.OperationalError.__init__(
+            self, normalized, None, orig or Exception("timeout"), hide_parameters=True
+        )
+        self.fingerprint = fingerprint
+        self.summary = summary
+        self.timeout = timeout
+        self.elapsed = elapsed
+        self.partition = partition
+
+    def detail(self) -> str:
+        return f"statement {self.summary} ({self.fingerprint}) exceeded its {self.timeout:.3f} s timeout"
+
+    def __str__(self) -> str:
+        return (
+            f"QueryTimeout: {self.summary} [{self.fingerprint}] ran {self.elapsed:.3f} s, "
+            f"timeout {self.timeout:.3f} s"
+        )
+
+    def __reduce__(self) -> Any:  # pragma: no cover - pickling support for workers
+        return (
+            _rebuild,
+            (
+                QueryTimeout,
+                {
+                    "fingerprint": self.fingerprint,
+                    "summary": self.summary,
+                    "normalized": str(self.statement),
+                    "timeout": self.timeout,
+                    "elapsed": self.elapsed,
+                    "partition": self.partition,
+                },
+            ),
+        )
+
+
+class PoolSaturated(PoolGuardError, sa_exc.TimeoutError):
+    """No connection could be had within the checkout bound or the time left."""
+
+    kind = "pool-saturated"
+    title = "The database is busy"
+    http_status = 503
+
+    def __init__(
+        self,
+        *,
+        waited: float,
+        limit: float,
+        reason: str = "checkout_timeout",
+        partition: str | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.waited = waited
+        self.limit = limit
+        self.reason = reason
+        self.partition = partition
+        self.retry_after = retry_after
+        sa_exc.TimeoutError.__init__(self, str(self))
+
+    def detail(self) -> str:
+        return f"no database connection within {self.limit:.3f} s ({self.reason})"
+
+    def __str__(self) -> str:
+        where = f" for partition {self.partition!r}" if self.partition else ""
+        return (
+            f"PoolSaturated: waited {self.waited:.3f} s of {self.limit:.3f} s "
+            f"({self.reason}){where}"
+        )
+
+    def __reduce__(self) -> Any:  # pragma: no cover
+        return (
+            _rebuild,
+            (
+                PoolSaturated,
+                {
+                    "waited": self.waited,
+                    "limit": self.limit,
+                    "reason": self.reason,
+                    "partition": self.partition,
+                    "retry_after": self.retry_after,
+                },
+            ),
+        )
+
+
+class BudgetExceeded(PoolGuardError):
+    """The budget scope has no room left for this statement or connection.
+
+    ``limit`` names the budget field that ran out: ``deadline``, ``max_queries``,
+    ``max_db_time`` or ``max_connections``. A spent deadline or database time maps
+    to 504 (the request ran out of time); a count limit to 503.
+    """
+
+    kind = "budget-exceeded"
+    title = "The request exceeded its database budget"
+
+    def __init__(
+        self, limit: str, *, used: float, allowed: float, partition: str | None = None
+    ) -> None:
+        self.limit = limit
+        self.used = used
+        self.allowed = allowed
+        self.partition = partition
+        self.http_status = 504 if limit in ("deadline", "max_db_time") else 503
+        super().__init__(str(self))
+
+    def detail(self) -> str:
+        return f"budget {self.limit} exhausted"
+
+    def __str__(self) -> str:
+        return f"BudgetExceeded: {self.limit} used {self.used:g} of {self.allowed:g}"
+
+    def __reduce__(self) -> Any:  # pragma: no cover
+        return (
+            _rebuild,
+            (
+                BudgetExceeded,
+                {"limit": self.limit, "used": self.used, "allowed": self.allowed},
+            ),
+        )
+
+
+class QueryQuarantined(PoolGuardError):
+    """The statement's fingerprint keeps timing out and is refused for a cool-down."""
+
+    kind = "query-quarantined"
+    title = "This database operation is temporarily disabled"
+    http_status = 503
+
+    def __init__(
+        self,
+        *,
+        fingerprint: str,
+        summary: str,
+        retry_after: float,
+        partition: str | None = None,
+    ) -> None:
+        self.fingerprint = fingerprint
+        self.summary = summary
+        self.retry_after = retry_after
+        self.partition = partition
+        super().__init__(str(self))
+
+    def detail(self) -> str:
+        return f"statement {self.summary} ({self.fingerprint}) is quarantined"
+
+    def __str__(self) -> str:
+        return (
+            f"QueryQuarantined: {self.summary} [{self.fingerprint}] refused for "
+            f"{self.retry_after:.1f} s more"
+        )
+
+    def __reduce__(self) -> Any:  # pragma: no cover
+        return (
+            _rebuild,
+            (
+                QueryQuarantined,
+                {
+                    "fingerprint": self.fingerprint,
+                    "summary": self.summary,
+                    "retry_after": self.retry_after,
+                },
+            ),
+        )
+
+
+class Shed(PoolGuardError):
+    """Refused before the handler ran because the pool's queue is overloaded."""
+
+    kind = "shed"
+    title = "The service is overloaded"
+    http_status = 503
+
+    def __init__(self, *, reason: str, retry_after: float, partition: str | None = None) -> None:
+        self.reason = reason
+        self.retry_after = retry_after
+        self.partition = partition
+        super().__init__(str(self))
+
+    def detail(self) -> str:
+        return f"request shed ({self.reason})"
+
+    def __str__(self) -> str:
+        return f"Shed: {self.reason}, retry after {self.retry_after:.1f} s"
+
+
+def _rebuild(cls: type[PoolGuardError], kwargs: dict[str, Any]) -> PoolGuardError:  # pragma: no cover
+    if cls is BudgetExceeded:
+        limit = kwargs.pop("limit")
+        return BudgetExceeded(limit, **kwargs)
+    return cls(**kwargs)

@@ -1,0 +1,295 @@
+"""A bounded, fair wait in front of the connection pool.
+
+SQLAlchemy fires no event before a checkout waits, and its pool waits up to 30 s in one
+FIFO for everybody. The gate owns the wait instead: it counts the pool's capacity in slots,
+grants them by priority class and first come first served, caps how many one partition
+(a route, say) may hold while others wait, keeps a reserve for critical work, and never
+lets a waiter wait longer than it was told. Sync waiters park on a lock; async waiters on
+a future of their own event loop, so the loop is never blocked.
+
+The state is guarded by one ``threading.Lock`` held only for a few dict operations, so it
+is safe to share between threads and event loops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .budget import PRIORITY_RANK
+
+__all__ = ["DEFAULT_PARTITION", "Gate", "GateSnapshot", "Ticket"]
+
+DEFAULT_PARTITION = "default"
+_CRITICAL = PRIORITY_RANK["critical"]
+
+
+class Ticket:
+    """One held slot. Release it exactly once (:meth:`Gate.release` is idempotent)."""
+
+    __slots__ = ("acquired_at", "partition", "rank", "released", "waited")
+
+    def __init__(self, partition: str, rank: int, waited: float, acquired_at: float) -> None:
+        self.partition = partition
+        self.rank = rank
+        self.waited = waited
+        self.acquired_at = acquired_at
+        self.released = False
+
+
+class _Waiter:
+    __slots__ = ("enqueued_at", "future", "granted", "lock", "loop", "partition", "rank", "thread")
+
+    def __init__(self, partition: str, rank: int, now: float) -> None:
+        self.partition = partition
+        self.rank = rank
+        self.enqueued_at = now
+        self.granted = False
+        self.lock: threading.Lock | None = None
+        self.future: asyncio.Future[None] | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread = 0
+
+
+@dataclass(frozen=True)
+class GateSnapshot:
+    capacity: int
+    reserve: int
+    partition_cap: int
+    held: int
+    waiting: int
+    held_by_partition: dict[str, int]
+    waiting_by_partition: dict[str, int]
+    granted_total: int
+    released_total: int
+    timeouts_total: int
+
+
+class Gate:
+    """Slots for ``capacity`` connections, granted fairly.
+
+    ``reserve`` slots are for critical work only; a partition may hold at most
+    ``partition_cap`` slots while another partition waits (when nobody else waits it may
+    use whatever is free: the gate is work-conserving).
+    """
+
+    def __init__(self, capacity: int, *, reserve: int = 0, max_share: float = 1.0) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
+        if isinstance(reserve, bool) or not isinstance(reserve, int) or not 0 <= reserve < capacity:
+            raise ValueError(
+                f"critical_reserve must be an int in [0, capacity); got {reserve!r} "
+                f"for a capacity of {capacity}"
+            )
+        if not isinstance(max_share, (int, float)) or not 0 < max_share <= 1:
+            raise ValueError(f"partition_share must be in (0, 1], got {max_share!r}")
+        self.capacity = capacity
+        self.reserve = reserve
+        self.partition_cap = max(1, math.floor(capacity * max_share))
+        self._lock = threading.Lock()
+        self._held = 0
+        self._held_by: dict[str, int] = {}
+        self._waiting = 0
+        self._waiting_by: dict[str, int] = {}
+        self._queues: tuple[deque[_Waiter], ...] = tuple(deque() for _ in PRIORITY_RANK)
+        self.granted_total = 0
+        self.released_total = 0
+        self.timeouts_total = 0
+
+    # -- policy ---------------------------------------------------------------------------
+    def _eligible(self, partition: str, rank: int) -> bool:
+        limit = self.capacity if rank == _CRITICAL else self.capacity - self.reserve
+        if self._held >= limit:
+            return False
+        if self._held_by.get(partition, 0) >= self.partition_cap:
+            others_waiting = self._waiting - self._waiting_by.get(partition, 0)
+            if others_waiting > 0:
+                return False
+        return True
+
+    def _grant(self, partition: str) -> None:
+        self._held += 1
+        self._held_by[partition] = self._held_by.get(partition, 0) + 1
+        self.granted_total += 1
+
+    def _dequeue(self, w: _Waiter) -> None:
+        self._waiting -= 1
+        n = self._waiting_by[w.partition] - 1
+        if n:
+            self._waiting_by[w.partition] = n
+        else:
+            del self._waiting_by[w.partition]
+
+    def _dispatch(self) -> list[_Waiter]:
+        """Grant whatever waiters are now eligible; returns them to be woken outside the lock."""
+        woken: list[_Waiter] = []
+        if not self._waiting:
+            return woken
+        for q in self._queues:
+            if not q:
+                continue
+            i = 0
+            while i < len(q) and self._held < self.capacity:
+                w = q[i]
+                # Eligibility is judged with this waiter counted as not waiting.
+                self._dequeue(w)
+                if self._eligible(w.partition, w.rank):
+                    del q[i]
+                    self._grant(w.partition)
+                    w.granted = True
+                    woken.append(w)
+                else:
+                    self._waiting += 1
+                    self._waiting_by[w.partition] = self._waiting_by.get(w.partition, 0) + 1
+                    i += 1
+        return woken
+
+    @staticmethod
+    def _wake(woken: list[_Waiter]) -> None:
+        for w in woken:
+            if w.lock is not None:
+                w.lock.release()
+            elif w.future is not None and w.loop is not None:
+                if w.thread == threading.get_ident():
+                    if not w.future.done():
+                        w.future.set_result(None)
+                else:
+                    try:
+                        w.loop.call_soon_threadsafe(_resolve, w.future)
+                    except RuntimeError:  # loop closed: the waiter is gone with it
+                        pass
+
+    # -- acquiring --------------------------------------------------------------------------
+    def try_acquire(self, partition: str, rank: int) -> Ticket | None:
+        """The fast path: a slot now, or None if the caller must wait."""
+        with self._lock:
+            if self._waiting == 0 and self._eligible(partition, rank):
+                self._grant(partition)
+                return Ticket(partition, rank, 0.0, time.monotonic())
+        return None
+
+    def _enqueue(self, w: _Waiter) -> bool:
+        """Queue a waiter and dispatch; True when it was granted at once."""
+        with self._lock:
+            self._queues[w.rank].append(w)
+            self._waiting += 1
+            self._waiting_by[w.partition] = self._waiting_by.get(w.partition, 0) + 1
+            woken = self._dispatch()
+        granted_now = w.granted
+        self._wake([x for x in woken if x is not w])
+        return granted_now
+
+    def _abandon(self, w: _Waiter) -> bool:
+        """A waiter gives up; True if it had been granted meanwhile (it then owns a slot)."""
+        with self._lock:
+            if w.granted:
+                return True
+            q = self._queues[w.rank]
+            try:
+                q.remove(w)
+            except ValueError:  # pragma: no cover - defensive: granted is set under the lock
+                return w.granted
+            self._dequeue(w)
+            self.timeouts_total += 1
+            # Removing a waiter can make another partition's waiter eligible.
+            woken = self._dispatch()
+        self._wake(woken)
+        return False
+
+    def acquire(self, partition: str, rank: int, timeout: float) -> Ticket | None:
+        """Wait up to ``timeout`` seconds for a slot from a thread; None when none came."""
+        t = self.try_acquire(partition, rank)
+        if t is not None:
+            return t
+        start = time.monotonic()
+        w = _Waiter(partition, rank, start)
+        w.lock = threading.Lock()
+        w.lock.acquire()
+        if not self._enqueue(w):
+            got = timeout > 0 and w.lock.acquire(timeout=timeout)
+            if not got and not self._abandon(w):
+                return None
+        now = time.monotonic()
+        return Ticket(partition, rank, now - start, now)
+
+    async def acquire_async(self, partition: str, rank: int, timeout: float) -> Ticket | None:
+        """As :meth:`acquire`, parking on a future so the event loop keeps running.
+
+        A cancelled waiter gives its place back, or its slot if it had just been granted one.
+        """
+        t = self.try_acquire(partition, rank)
+        if t is not None:
+            return t
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        w = _Waiter(partition, rank, start)
+        w.loop = loop
+        w.thread = threading.get_ident()
+        w.future = loop.create_future()
+        if not self._enqueue(w):
+            try:
+                if timeout > 0:
+                    await asyncio.wait_for(asyncio.shield(w.future), timeout)
+                else:
+                    raise asyncio.TimeoutError
+            except (asyncio.TimeoutError, TimeoutError):
+                if not self._abandon(w):
+                    return None
+            except BaseException:
+                if self._abandon(w):
+                    self.release_slot(partition)
+                raise
+        now = time.monotonic()
+        return Ticket(partition, rank, now - start, now)
+
+    # -- releasing ----------------------------------------------------------------------------
+    def release(self, ticket: Ticket) -> None:
+        if ticket.released:
+            return
+        ticket.released = True
+        self.release_slot(ticket.partition)
+
+    def release_slot(self, partition: str) -> None:
+        with self._lock:
+            self._held -= 1
+            n = self._held_by[partition] - 1
+            if n:
+                self._held_by[partition] = n
+            else:
+                del self._held_by[partition]
+            self.released_total += 1
+            woken = self._dispatch()
+        self._wake(woken)
+
+    # -- observing ----------------------------------------------------------------------------
+    @property
+    def held(self) -> int:
+        return self._held
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting
+
+    def snapshot(self) -> GateSnapshot:
+        with self._lock:
+            return GateSnapshot(
+                capacity=self.capacity,
+                reserve=self.reserve,
+                partition_cap=self.partition_cap,
+                held=self._held,
+                waiting=self._waiting,
+                held_by_partition=dict(self._held_by),
+                waiting_by_partition=dict(self._waiting_by),
+                granted_total=self.granted_total,
+                released_total=self.released_total,
+                timeouts_total=self.timeouts_total,
+            )
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
