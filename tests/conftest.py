@@ -77,3 +77,121 @@ def mariadb_async_url(mariadb_url: str) -> str:
 @pytest.fixture
 def sqlite_file_url(tmp_path: os.PathLike[str]) -> Iterator[str]:
     yield f"sqlite:///{os.fspath(tmp_path)}/poolguard-test.db"
+
+
+# -- a throwaway PostgreSQL cluster, for server settings of its own -------------------------
+import shutil  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+
+
+@dataclass
+class Cluster:
+    """A private PostgreSQL: small max_connections, pg_stat_statements, restartable."""
+
+    datadir: str
+    port: int
+    url: str
+    log: str
+
+    def _ctl(self, *args: str) -> None:
+        _as_postgres(["pg_ctl", "-D", self.datadir, "-w", "-t", "30", *args])
+
+    def restart(self) -> None:
+        # -l: the server's output goes to the log, not to our pipe (which would never close).
+        self._ctl("restart", "-m", "immediate", "-l", self.log)
+
+    def stop(self) -> None:
+        self._ctl("stop", "-m", "immediate")
+
+
+def _as_postgres(cmd: list[str]) -> None:
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "postgres", "--", *cmd]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+        msg = "initdb/pg_ctl not found: install PostgreSQL's server binaries"
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    base = tempfile.mkdtemp(prefix="poolguard-pg-")
+    os.chmod(base, 0o777)
+    datadir = os.path.join(base, "data")
+    port = _free_port()
+    _as_postgres(["initdb", "-D", datadir, "-A", "trust", "-U", "postgres", "--no-sync"])
+    with open(os.path.join(datadir, "postgresql.conf"), "a") as f:
+        f.write(
+            f"port = {port}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{base}'\n"
+            "max_connections = 30\nshared_preload_libraries = 'pg_stat_statements'\n"
+            "pg_stat_statements.track_utility = on\nfsync = off\n"
+        )
+    log = os.path.join(base, "log")
+    _as_postgres(["pg_ctl", "-D", datadir, "-l", log, "-w", "-t", "30", "start"])
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    eng = sa.create_engine(url, poolclass=sa.NullPool)
+    with eng.begin() as c:
+        c.execute(sa.text("CREATE EXTENSION IF NOT EXISTS pg_stat_statements"))
+    eng.dispose()
+    cluster = Cluster(datadir, port, url, log)
+    try:
+        yield cluster
+    finally:
+        try:
+            cluster.stop()
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+# -- guards that must leave nothing behind ----------------------------------------------------
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+
+def assert_no_leak(guard: Any) -> None:
+    """After a test: no checked-out connection in the pool, no held or queued gate slot."""
+    pool = guard.sync_engine.pool
+    snap = guard.gate.snapshot()
+    assert snap.held == 0, f"gate slots still held: {snap}"
+    assert snap.waiting == 0, f"gate waiters left: {snap}"
+    assert guard.checked_out == 0, "guard still counts a checkout"
+    if hasattr(pool, "checkedout"):
+        assert pool.checkedout() == 0, f"pool has checked-out connections: {pool.status()}"
+
+
+@pytest.fixture
+def make_guard() -> Iterator[Callable[..., Any]]:
+    """Build guards (and their engines); at teardown assert no leak, then close them."""
+    from poolguard import PoolGuard
+
+    made: list[Any] = []
+
+    def make(engine: Any, **kw: Any) -> Any:
+        g = PoolGuard(engine, **kw)
+        made.append(g)
+        return g
+
+    yield make
+    try:
+        for g in made:
+            assert_no_leak(g)
+    finally:
+        for g in made:
+            g.close()
+            if g.engine is not g.sync_engine:
+                # An AsyncEngine's connections close through the event loop: async tests
+                # `await engine.dispose()` themselves; here only drop the references.
+                g.sync_engine.dispose(close=False)
+            else:
+                g.sync_engine.dispose()

@@ -137,7 +137,9 @@ class BudgetScope:
         Raises :class:`BudgetExceeded` rather than start a statement that cannot finish
         inside the budget: past the deadline, or with the query or db-time allowance spent.
         """
-        timeout = _min_opt(default_timeout, self.statement_timeout)
+        # A scope's own statement_timeout replaces the guard's default (a reports route may
+        # need longer statements than the rest); the deadline and db-time room only tighten.
+        timeout = self.statement_timeout if self.statement_timeout is not None else default_timeout
         if self.deadline_at is not None:
             left = self.deadline_at - now
             if left <= 0:

@@ -99,6 +99,11 @@ class Gate:
         self.granted_total = 0
         self.released_total = 0
         self.timeouts_total = 0
+        # Releases per second over the last whole second: how fast the pool drains, for
+        # Retry-After and for the shedder's "no capacity" judgement.
+        self._win_start = time.monotonic()
+        self._win_count = 0
+        self._last_rate = 0.0
 
     # -- policy ---------------------------------------------------------------------------
     def _eligible(self, partition: str, rank: int) -> bool:
@@ -262,6 +267,12 @@ class Gate:
             else:
                 del self._held_by[partition]
             self.released_total += 1
+            now = time.monotonic()
+            if now - self._win_start >= 1.0:
+                self._last_rate = self._win_count / (now - self._win_start)
+                self._win_start = now
+                self._win_count = 0
+            self._win_count += 1
             woken = self._dispatch()
         self._wake(woken)
 
@@ -273,6 +284,21 @@ class Gate:
     @property
     def waiting(self) -> int:
         return self._waiting
+
+    def oldest_wait(self, now: float) -> float:
+        """How long the longest-waiting waiter has waited (0.0 when nobody waits)."""
+        if not self._waiting:
+            return 0.0
+        with self._lock:
+            heads = [q[0].enqueued_at for q in self._queues if q]
+        return now - min(heads) if heads else 0.0
+
+    def drain_rate(self, now: float) -> float:
+        """Slots released per second, over the last whole second."""
+        elapsed = now - self._win_start
+        if elapsed >= 1.0:
+            return self._win_count / elapsed
+        return self._last_rate
 
     def snapshot(self) -> GateSnapshot:
         with self._lock:

@@ -1,0 +1,34 @@
+"""Per-database enforcement of statement time-outs on the server (or, for SQLite, in the
+engine itself), chosen by the engine's dialect name."""
+
+from __future__ import annotations
+
+from sqlalchemy.engine import Dialect
+
+from .base import Enforcer
+
+__all__ = ["Enforcer", "enforcer_for"]
+
+
+def enforcer_for(dialect: Dialect, *, pg_mode: str, lock_timeout: float | None,
+                 idle_in_transaction_timeout: float | None) -> Enforcer:
+    name = dialect.name
+    if name == "postgresql":
+        from .postgresql import PostgreSQLEnforcer
+
+        return PostgreSQLEnforcer(
+            mode=pg_mode,
+            lock_timeout=lock_timeout,
+            idle_in_transaction_timeout=idle_in_transaction_timeout,
+        )
+    if name in ("mysql", "mariadb"):
+        from .mysql import MySQLEnforcer
+
+        return MySQLEnforcer()
+    if name == "sqlite":
+        from .sqlite import SQLiteEnforcer
+
+        return SQLiteEnforcer()
+    from .base import ClientSideOnly
+
+    return ClientSideOnly(name)

@@ -1,0 +1,61 @@
+"""What every dialect enforcer offers the guard.
+
+The guard knows each statement's effective time-out; an enforcer makes the database honour
+it. The contract that keeps the hot path lean: a connection gets the guard's default
+time-out once, when it is created (``on_connect``), and ``prepare`` is only consulted when a
+statement needs a different one, so the steady state costs no round trip at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
+
+
+class Enforcer:
+    """Base enforcer; also the fallback for databases poolguard has no server knob for."""
+
+    name = "none"
+    #: True when ``on_connect`` installs the default time-out on every new connection, so
+    #: statements at the default need no per-statement work.
+    session_baseline = True
+
+    #: True when the enforcer keeps per-transaction state that commit and rollback end.
+    tracks_transactions = False
+
+    def on_connect(
+        self, dbapi_connection: DBAPIConnection, info: dict[Any, Any], default_timeout: float | None
+    ) -> None:
+        """Install the default time-out on a new connection (``info``: its record's info)."""
+
+    def prepare(
+        self,
+        cursor: DBAPICursor,
+        statement: str,
+        timeout: float | None,
+        context: ExecutionContext,
+    ) -> str:
+        """Make ``timeout`` apply to this one statement; return the statement to run."""
+        return statement
+
+    def on_transaction_end(self, info: dict[Any, Any]) -> None:
+        """A transaction ended: forget any per-transaction setting."""
+
+    def is_timeout(self, exc: BaseException) -> bool:
+        """True when ``exc`` is the database reporting that a statement ran out of time."""
+        return False
+
+
+class ClientSideOnly(Enforcer):
+    """For a database without a known server-side time-out: budgets, the gate and quarantine
+    still apply; statements are not interrupted."""
+
+    def __init__(self, dialect_name: str) -> None:
+        self.name = dialect_name
+        self.session_baseline = False
+
+
+def ms(seconds: float) -> int:
+    """Whole milliseconds, at least 1 (0 means "no limit" to PostgreSQL and MySQL)."""
+    return max(1, int(seconds * 1000))

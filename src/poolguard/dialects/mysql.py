@@ -1,0 +1,76 @@
+"""MySQL and MariaDB: statement time-outs enforced by the server, with no extra round trip.
+
+The default goes in once per connection as a session variable. A statement that needs a
+different value carries it in its own text, so nothing else is sent:
+
+- MariaDB: ``max_statement_time`` (seconds, any statement); per statement
+  ``SET STATEMENT max_statement_time=N FOR <statement>``.
+- MySQL: ``max_execution_time`` (milliseconds, read-only SELECT only); per statement the
+  optimizer hint ``SELECT /*+ MAX_EXECUTION_TIME(N) */``. MySQL has no server-side limit for
+  writes: the budget and the gate still bound them, the server does not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
+
+from .base import Enforcer, ms
+
+_MARIADB_TIMEOUT = 1969  # ER_STATEMENT_TIMEOUT
+_MYSQL_TIMEOUT = 3024  # ER_QUERY_TIMEOUT
+
+
+class MySQLEnforcer(Enforcer):
+    name = "mysql"
+
+    def __init__(self) -> None:
+        self.is_mariadb: bool | None = None
+
+    def _detect(self, dbapi_connection: Any) -> bool:
+        if self.is_mariadb is None:
+            cur = dbapi_connection.cursor()
+            try:
+                cur.execute("SELECT VERSION()")
+                row = cur.fetchone()
+            finally:
+                cur.close()
+            self.is_mariadb = "mariadb" in str(row[0]).lower() if row else False
+        return self.is_mariadb
+
+    def on_connect(
+        self, dbapi_connection: DBAPIConnection, info: dict[Any, Any], default_timeout: float | None
+    ) -> None:
+        mariadb = self._detect(dbapi_connection)
+        if default_timeout is None:
+            return
+        cur = dbapi_connection.cursor()
+        try:
+            if mariadb:
+                cur.execute(f"SET SESSION max_statement_time = {default_timeout:.3f}")
+            else:
+                cur.execute(f"SET SESSION max_execution_time = {ms(default_timeout)}")
+        finally:
+            cur.close()
+
+    def prepare(
+        self,
+        cursor: DBAPICursor,
+        statement: str,
+        timeout: float | None,
+        context: ExecutionContext,
+    ) -> str:
+        if self.is_mariadb:
+            secs = 0.0 if timeout is None else max(0.001, timeout)
+            return f"SET STATEMENT max_statement_time={secs:.3f} FOR {statement}"
+        head = statement.lstrip()[:6]
+        if head.upper() == "SELECT":
+            n = 0 if timeout is None else ms(timeout)
+            i = len(statement) - len(statement.lstrip()) + 6
+            return f"{statement[:i]} /*+ MAX_EXECUTION_TIME({n}) */{statement[i:]}"
+        return statement
+
+    def is_timeout(self, exc: BaseException) -> bool:
+        args = getattr(exc, "args", ())
+        return bool(args) and args[0] in (_MARIADB_TIMEOUT, _MYSQL_TIMEOUT)

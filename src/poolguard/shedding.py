@@ -1,0 +1,196 @@
+"""Admission policy: refuse work early when the pool's queue stands (CoDel).
+
+A request that joins a queue it cannot get through in time is worse than useless: it holds
+a worker, it makes every request behind it later, and its client retries anyway. So the
+middleware asks before it runs a handler, and low-priority work is refused while the queue
+in front of the pool is *standing*.
+
+"Standing" is CoDel's notion (Kathleen Nichols and Van Jacobson, "Controlling Queue Delay",
+2012; used for RPC queues in Meta's "Fail at Scale", 2015): a good queue absorbs a burst
+and drains, so at least once per ``interval`` some request gets through within ``target``;
+a bad queue never drains, so its *minimum* delay over an interval stays above ``target``.
+Watching the minimum rather than an average or a percentile ignores bursts, which a pool
+is there to absorb, and reacts only to sustained overload.
+
+The samples are the queue delays (sojourn times) the gate reports for each checkout, 0.0
+when there was no wait, plus the age of the oldest current waiter at each admission
+decision: when the pool is wedged no checkout completes, so without that sample the worst
+overload would be the one never seen. An empty queue reports 0.0, which counts as a drain.
+
+Levels, from the time the queue has been standing (every sample above ``target``):
+
+- level 0 below one ``interval``: admit everything;
+- level 1 from one interval: shed "sheddable" work;
+- level 2 after :data:`ESCALATE_INTERVALS` more intervals, or as soon as a sample exceeds
+  :data:`SEVERE_FACTOR` times ``target`` while standing: shed "normal" work too.
+
+Critical work is never shed for queue delay. A single sample at or below ``target`` ends
+the episode (the queue drained, so the trailing interval's minimum is below target) and the
+level drops to 0: CoDel's exit rule. Re-entering takes a full interval again, during which
+the "no capacity" rule keeps the queue from growing past what the pool drains in a round.
+
+Pure policy: no I/O, no clock, no lock. Each update is a couple of attribute stores, so
+concurrent callers can at worst lose a sample to a race, which a minimum-over-an-interval
+estimator tolerates by design.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .budget import PRIORITIES, PRIORITY_RANK
+
+__all__ = [
+    "ADMIT",
+    "ESCALATE_INTERVALS",
+    "MAX_RETRY_AFTER",
+    "MIN_RETRY_AFTER",
+    "PRIORITIES",
+    "SEVERE_FACTOR",
+    "CoDelShedder",
+    "Decision",
+    "estimate_retry_after",
+]
+
+#: Intervals the queue must keep standing after level 1 before normal work is shed too.
+#: Two more (three in all: 300 ms with the classic numbers) gives sheddable shedding a
+#: chance to work before paying customers are refused.
+ESCALATE_INTERVALS = 2
+#: A standing queue whose delay exceeds this many targets skips straight to level 2: it is
+#: past the point where shedding only the sheddable class could catch up.
+SEVERE_FACTOR = 10.0
+#: Bounds of Retry-After, in seconds. Less than 1 s cannot be said over HTTP; more than 30 s
+#: outlives the overload it describes.
+MIN_RETRY_AFTER = 1.0
+MAX_RETRY_AFTER = 30.0
+
+_INF = math.inf
+_CRITICAL = PRIORITY_RANK["critical"]
+_NORMAL = PRIORITY_RANK["normal"]
+_SHEDDABLE = PRIORITY_RANK["sheddable"]
+# At level L, ranks above _LOWEST_KEPT[L] are shed for queue delay.
+_LOWEST_KEPT = (_SHEDDABLE, _NORMAL, _CRITICAL)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict on one request.
+
+    ``reason`` is "queue_delay" (the queue stands) or "no_capacity" (the queue is already
+    longer than the pool drains in a round), None when admitted. ``retry_after`` is in
+    whole seconds within [MIN_RETRY_AFTER, MAX_RETRY_AFTER] when refused, 0.0 when admitted.
+    """
+
+    admit: bool
+    reason: str | None
+    retry_after: float
+
+
+#: The one admitting decision: shared, so admission allocates nothing.
+ADMIT = Decision(True, None, 0.0)
+
+
+def estimate_retry_after(waiting: int, drain_rate: float) -> float:
+    """Seconds until the queue in front of the pool should have drained: a Retry-After.
+
+    ``waiting / drain_rate`` rounded up to whole seconds (HTTP's Retry-After is an integer)
+    and clamped to [1, 30]; 1 s when the drain rate is unknown (0, negative or NaN).
+    """
+    if drain_rate > 0:
+        seconds = min(waiting / drain_rate, MAX_RETRY_AFTER)
+        return float(max(MIN_RETRY_AFTER, math.ceil(seconds)))
+    return MIN_RETRY_AFTER
+
+
+def _check_seconds(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    return v
+
+
+class CoDelShedder:
+    """Decides, before a handler runs, whether its request may join the pool's queue.
+
+    ``target`` is the queue delay that is acceptable as a standing floor (5 ms); ``interval``
+    how long it may be exceeded without a single drain before shedding starts (100 ms):
+    roughly a round-trip of the work behind the queue, so a burst that clears in one round
+    is never punished.
+    """
+
+    def __init__(self, *, target: float = 0.005, interval: float = 0.1) -> None:
+        self.target = _check_seconds("target", target)
+        self.interval = _check_seconds("interval", interval)
+        if self.target >= self.interval:
+            raise ValueError(
+                f"target must be shorter than interval (the queue must be able to drain "
+                f"within an interval); got target={target!r}, interval={interval!r}"
+            )
+        self._severe = self.target * SEVERE_FACTOR
+        self._escalate_at = self.interval * (1 + ESCALATE_INTERVALS)
+        # Time of the first sample of the current run of samples above target (the queue
+        # has not drained since); +inf when the latest sample was at or below target.
+        self._above_since = _INF
+        # Whether the latest sample exceeded SEVERE_FACTOR * target.
+        self._severe_now = False
+        # Time of the latest sample, so that ``overloaded`` needs no clock.
+        self._last = -_INF
+
+    def observe(self, sojourn: float, now: float) -> None:
+        """Record one queue delay (seconds; 0.0 for a checkout that did not wait)."""
+        if sojourn > self.target:
+            if self._above_since == _INF:
+                self._above_since = now
+            self._severe_now = sojourn > self._severe
+        else:
+            self._above_since = _INF
+            self._severe_now = False
+        self._last = now
+
+    def level(self, now: float) -> int:
+        """0 admits all; 1 sheds sheddable work; 2 sheds normal work too."""
+        standing = now - self._above_since
+        if standing < self.interval:
+            return 0
+        if self._severe_now or standing >= self._escalate_at:
+            return 2
+        return 1
+
+    @property
+    def overloaded(self) -> bool:
+        """Whether the queue was standing as of the latest sample (``level(now)`` is live)."""
+        return self._last - self._above_since >= self.interval
+
+    def decide(
+        self,
+        rank: int,
+        now: float,
+        *,
+        oldest_wait: float = 0.0,
+        waiting: int = 0,
+        capacity: int = 1,
+        drain_rate: float = 0.0,
+    ) -> Decision:
+        """Admit or refuse a request of priority ``rank`` (PRIORITY_RANK) before it starts.
+
+        ``oldest_wait`` is the age of the gate's oldest waiter (0.0 when nobody waits) and
+        is recorded as a sample; ``waiting`` the gate's queue length; ``capacity`` the
+        pool's size; ``drain_rate`` the checkouts completed per second, for Retry-After.
+
+        Besides queue delay, a non-critical request is refused at once ("no_capacity") when
+        ``waiting >= capacity``: that queue takes more than a whole round of the pool to
+        drain, so joining it only adds latency. Sheddable work gives up at half that
+        (``max(1, capacity // 2)``). Critical work is always admitted.
+        """
+        self.observe(oldest_wait, now)
+        if rank <= _CRITICAL:
+            return ADMIT
+        if rank > _LOWEST_KEPT[self.level(now)]:
+            return Decision(False, "queue_delay", estimate_retry_after(waiting, drain_rate))
+        limit = capacity if rank <= _NORMAL else max(1, capacity // 2)
+        if waiting >= limit:
+            return Decision(False, "no_capacity", estimate_retry_after(waiting, drain_rate))
+        return ADMIT

@@ -1,0 +1,269 @@
+"""Per-fingerprint statement statistics in bounded memory.
+
+Why a log-bucketed histogram instead of samples: ``record`` runs for every statement, so
+it may not sort, allocate or grow anything. A fixed array of counters whose bucket
+boundaries grow by a factor of ``2 ** (1/4)`` from 1 microsecond to about 1000 seconds
+(121 buckets, plus one for anything longer) costs one ``log2`` and one increment, and
+answers any percentile afterwards. The price is resolution: a percentile is reported as
+the upper bound of the bucket that holds it (clamped to the largest value observed), so it
+is never below the true nearest-rank value and at most about 19 % (``2 ** (1/4)``) above
+it. That is plenty to tell a 2 ms statement from a 200 ms one, which is what quarantine
+decisions and dashboards need.
+
+Why one overflow row instead of eviction: the fingerprints that matter (the hot and the
+rogue ones) show up early and keep showing up. Evicting to make room for newcomers would
+let a stream of one-off statements (ad-hoc SQL with inlined values, say) wipe out exactly
+the rows an operator needs. So the registry keeps the first ``max_fingerprints`` it sees and
+folds the rest into a single row called ``"other"``; a large ``other`` row is itself the
+signal that something generates unbounded SQL.
+
+Why a lock per row: the counters must be exact (an operator compares them with the
+database's own counts), and a lock that nobody else holds costs about as much as two
+attribute increments. Rows are created under a registry lock taken only on that miss path,
+so the hot path is a lock-free ``dict.get`` plus one uncontended per-row lock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable
+from typing import cast
+
+from .fingerprint import Fingerprint
+
+__all__ = ["OTHER", "StatsRegistry"]
+
+#: The fingerprint id and summary of the row that collects everything past the limit.
+OTHER = "other"
+
+_LOWEST = 1e-6  # seconds: the upper bound of bucket 0
+_STEPS_PER_DOUBLING = 4
+_DOUBLINGS = 30  # 1 us * 2**30 ~ 1074 s
+_TOP = _LOWEST * 2.0**_DOUBLINGS  # the upper bound of the last finite bucket
+_NBUCKETS = _DOUBLINGS * _STEPS_PER_DOUBLING + 2  # [0, 1us], 120 growing ones, (top, inf)
+_OVERFLOW_BUCKET = _NBUCKETS - 1
+_OFFSET = -math.log2(_LOWEST) * _STEPS_PER_DOUBLING
+#: Upper bound of each bucket, in seconds.
+_UPPER: tuple[float, ...] = (
+    *(_LOWEST * 2.0 ** (i / _STEPS_PER_DOUBLING) for i in range(_NBUCKETS - 1)),
+    math.inf,
+)
+_log2 = math.log2
+_ceil = math.ceil
+
+
+def _bucket(seconds: float) -> int:
+    """The histogram bucket of ``seconds``: the smallest i with seconds <= _UPPER[i]."""
+    if _LOWEST < seconds <= _TOP:
+        return _ceil(_log2(seconds) * _STEPS_PER_DOUBLING + _OFFSET)
+    if seconds > _TOP:
+        return _OVERFLOW_BUCKET
+    return 0  # tiny, zero, negative or NaN
+
+
+def _clean(seconds: float) -> float:
+    # Only reached for values outside the normal range: keep sums finite and JSON-safe.
+    if seconds != seconds or seconds < 0.0:  # NaN or negative (a clock that went back)
+        return 0.0
+    return min(seconds, _TOP * 1000.0)
+
+
+def _percentile(buckets: list[int], count: int, q: float, largest: float) -> float:
+    """Nearest-rank percentile ``q`` (0..1) of the histogram, as a bucket upper bound."""
+    if count <= 0:
+        return 0.0
+    rank = max(1, _ceil(q * count))
+    seen = 0
+    for i, n in enumerate(buckets):
+        seen += n
+        if seen >= rank:
+            return min(_UPPER[i], largest)
+    return largest
+
+
+def _us(seconds: float) -> float:
+    return round(seconds, 6)
+
+
+class _Row:
+    """Counters of one fingerprint; mutated only under ``lock``."""
+
+    __slots__ = (
+        "buckets",
+        "count",
+        "errors",
+        "fp",
+        "hold_buckets",
+        "hold_count",
+        "hold_max",
+        "lock",
+        "max",
+        "refusals",
+        "timeouts",
+        "total",
+    )
+
+    def __init__(self, fp: Fingerprint) -> None:
+        self.fp = fp
+        self.lock = threading.Lock()
+        self.count = 0
+        self.errors = 0
+        self.timeouts = 0
+        self.total = 0.0
+        self.max = 0.0
+        self.buckets = [0] * _NBUCKETS
+        self.refusals: dict[str, int] = {}
+        self.hold_count = 0
+        self.hold_max = 0.0
+        self.hold_buckets: list[int] | None = None  # most fingerprints never get one
+
+    def as_dict(self) -> dict[str, object]:
+        with self.lock:  # a consistent copy; the arithmetic happens outside
+            count, errors, timeouts = self.count, self.errors, self.timeouts
+            total, largest, buckets = self.total, self.max, list(self.buckets)
+            refusals = dict(self.refusals)
+            hold_count, hold_max = self.hold_count, self.hold_max
+            hold_buckets = list(self.hold_buckets) if self.hold_buckets is not None else None
+        fp = self.fp
+        return {
+            "fingerprint": fp.id,
+            "summary": fp.summary,
+            "normalized": fp.normalized,
+            "count": count,
+            "errors": errors,
+            "timeouts": timeouts,
+            "refusals": refusals,
+            "total_time": _us(total),
+            "mean": _us(total / count) if count else 0.0,
+            "p50": _us(_percentile(buckets, count, 0.50, largest)),
+            "p95": _us(_percentile(buckets, count, 0.95, largest)),
+            "p99": _us(_percentile(buckets, count, 0.99, largest)),
+            "max": _us(largest),
+            "hold_count": hold_count,
+            "hold_p99": (
+                _us(_percentile(hold_buckets, hold_count, 0.99, hold_max))
+                if hold_buckets is not None
+                else 0.0
+            ),
+            "hold_max": _us(hold_max),
+        }
+
+
+def _worst_first(row: dict[str, object]) -> tuple[int, int, float]:
+    refusals = cast("dict[str, int]", row["refusals"])
+    return (-cast(int, row["timeouts"]), -sum(refusals.values()), -cast(float, row["total_time"]))
+
+
+class StatsRegistry:
+    """Statistics per statement fingerprint, for ``guard.stats()`` and the quarantine UI.
+
+    ``record``, ``record_refusal`` and ``record_hold`` may be called from any thread at any
+    rate and never raise on odd values (negative, NaN or infinite durations are clamped).
+    Memory is bounded by ``max_fingerprints`` rows of about 1.5 KiB each plus the
+    fingerprints themselves; see the module docstring for what happens past the limit.
+    """
+
+    def __init__(self, max_fingerprints: int = 1000) -> None:
+        if isinstance(max_fingerprints, bool) or not isinstance(max_fingerprints, int):
+            raise TypeError(f"max_fingerprints must be an int, got {max_fingerprints!r}")
+        if max_fingerprints < 1:
+            raise ValueError(f"max_fingerprints must be >= 1, got {max_fingerprints}")
+        self.max_fingerprints = max_fingerprints
+        self._lock = threading.Lock()  # creating rows, reset, snapshot copies
+        self._rows: dict[str, _Row] = {}
+        self._other = _Row(Fingerprint(OTHER, "", OTHER, ""))
+
+    def _row(self, fp: Fingerprint) -> _Row:
+        # The miss path of every recorder: the first sight of a fingerprint.
+        rows = self._rows
+        if len(rows) >= self.max_fingerprints:
+            return rows.get(fp.id) or self._other
+        with self._lock:
+            rows = self._rows  # reset() may have swapped it
+            row = rows.get(fp.id)
+            if row is None:
+                if len(rows) >= self.max_fingerprints:
+                    return self._other
+                row = rows[fp.id] = _Row(fp)
+            return row
+
+    def record(
+        self, fp: Fingerprint, elapsed: float, *, error: bool = False, timeout: bool = False
+    ) -> None:
+        """Count one execution of ``fp`` that took ``elapsed`` seconds.
+
+        ``timeout=True`` also counts as an error: ``errors`` is every failed execution,
+        ``timeouts`` the subset that failed by running out of time.
+        """
+        row = self._rows.get(fp.id) or self._row(fp)
+        if _LOWEST < elapsed <= _TOP:
+            i = _ceil(_log2(elapsed) * _STEPS_PER_DOUBLING + _OFFSET)
+        else:
+            i = _bucket(elapsed)
+            elapsed = _clean(elapsed)
+        with row.lock:
+            row.count += 1
+            row.total += elapsed
+            row.buckets[i] += 1
+            if elapsed > row.max:
+                row.max = elapsed
+            if error or timeout:
+                row.errors += 1
+                if timeout:
+                    row.timeouts += 1
+
+    def record_refusal(self, fp: Fingerprint, kind: str) -> None:
+        """Count one refusal of ``fp`` (``kind``: "quarantined", "budget", "saturated", ...).
+
+        A refused statement never ran, so it is not an execution: ``count`` is unchanged.
+        Keep ``kind`` to a small fixed vocabulary; it becomes a key of the row's ``refusals``.
+        """
+        row = self._rows.get(fp.id) or self._row(fp)
+        with row.lock:
+            refusals = row.refusals
+            refusals[kind] = refusals.get(kind, 0) + 1
+
+    def record_hold(self, fp: Fingerprint, seconds: float) -> None:
+        """Attribute ``seconds`` of connection hold time to ``fp``."""
+        row = self._rows.get(fp.id) or self._row(fp)
+        i = _bucket(seconds)
+        seconds = _clean(seconds)
+        with row.lock:
+            buckets = row.hold_buckets
+            if buckets is None:
+                buckets = row.hold_buckets = [0] * _NBUCKETS
+            buckets[i] += 1
+            row.hold_count += 1
+            if seconds > row.hold_max:
+                row.hold_max = seconds
+
+    def snapshot(self, limit: int | None = None) -> list[dict[str, object]]:
+        """JSON-serialisable rows, worst first: most timeouts, then most refusals, then the
+        most total time. The ``other`` row is included (and sorted like any row) once it
+        has data. Durations are seconds rounded to microseconds."""
+        with self._lock:
+            rows: Iterable[_Row] = list(self._rows.values())
+        out = [row.as_dict() for row in rows]
+        other = self._other
+        if other.count or other.refusals or other.hold_count:
+            out.append(other.as_dict())
+        out.sort(key=_worst_first)
+        return out if limit is None else out[: max(0, limit)]
+
+    def get(self, fingerprint_id: str) -> dict[str, object] | None:
+        """The row of one fingerprint id (``"other"`` for the overflow row), or None."""
+        if fingerprint_id == OTHER:
+            return self._other.as_dict()
+        row = self._rows.get(fingerprint_id)
+        return row.as_dict() if row is not None else None
+
+    def reset(self) -> None:
+        """Forget everything. Recorders racing with a reset may land in the old rows."""
+        with self._lock:
+            self._rows = {}
+            self._other = _Row(self._other.fp)
+
+    def __len__(self) -> int:
+        """The number of distinct fingerprints tracked (the ``other`` row not included)."""
+        return len(self._rows)

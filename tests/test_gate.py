@@ -1,0 +1,243 @@
+"""The gate on its own: bounded waits, partition caps, the critical reserve, async waiters
+that never block the loop and give their place back when cancelled, and a randomised check
+of its accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from poolguard.gate import Gate, Ticket
+
+NORMAL, CRITICAL, SHEDDABLE = 1, 0, 2
+
+
+def assert_empty(g: Gate) -> None:
+    snap = g.snapshot()
+    assert snap.held == 0, snap
+    assert snap.waiting == 0, snap
+    assert snap.held_by_partition == {} and snap.waiting_by_partition == {}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"capacity": 0}, "capacity"),
+        ({"capacity": 4, "reserve": 4}, "critical_reserve"),
+        ({"capacity": 4, "max_share": 0}, "partition_share"),
+    ],
+)
+def test_bad_configuration_names_the_option(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Gate(**kwargs)
+
+
+def test_fast_path_then_bounded_wait() -> None:
+    g = Gate(2)
+    a = g.acquire("p", NORMAL, 0.1)
+    b = g.acquire("p", NORMAL, 0.1)
+    assert a and b
+    t0 = time.monotonic()
+    assert g.acquire("p", NORMAL, 0.05) is None
+    waited = time.monotonic() - t0
+    assert 0.04 <= waited < 1.0
+    assert g.timeouts_total == 1
+    g.release(a)
+    g.release(a)  # idempotent
+    g.release(b)
+    assert_empty(g)
+
+
+def test_release_wakes_a_thread_waiter() -> None:
+    g = Gate(1)
+    held = g.acquire("p", NORMAL, 0.1)
+    assert held is not None
+    got: list[Ticket | None] = []
+    th = threading.Thread(target=lambda: got.append(g.acquire("p", NORMAL, 5.0)))
+    th.start()
+    while g.waiting == 0:
+        time.sleep(0.001)
+    g.release(held)
+    th.join(5)
+    assert got and got[0] is not None and got[0].waited > 0
+    g.release(got[0])
+    assert_empty(g)
+
+
+def test_partition_over_its_share_yields_to_another_partition() -> None:
+    g = Gate(4, max_share=0.5)
+    rogue = [g.acquire("rogue", NORMAL, 0.1) for _ in range(4)]  # work-conserving: nobody waits
+    assert all(rogue)
+    results: dict[str, Ticket | None] = {}
+
+    def want(name: str) -> None:
+        results[name] = g.acquire(name, NORMAL, 5.0)
+
+    t_rogue = threading.Thread(target=want, args=("rogue",))
+    t_rogue.start()
+    while g.waiting < 1:
+        time.sleep(0.001)
+    t_healthy = threading.Thread(target=want, args=("healthy",))
+    t_healthy.start()
+    while g.waiting < 2:
+        time.sleep(0.001)
+    # The rogue queued first, but it is over its cap while "healthy" waits.
+    g.release(rogue.pop())  # type: ignore[arg-type]
+    t_healthy.join(5)
+    assert results.get("healthy") is not None
+    assert "rogue" not in results
+    for t in rogue:
+        g.release(t)  # type: ignore[arg-type]
+    t_rogue.join(5)
+    assert results["rogue"] is not None
+    g.release(results["rogue"])  # type: ignore[arg-type]
+    g.release(results["healthy"])  # type: ignore[arg-type]
+    assert_empty(g)
+
+
+def test_critical_reserve_is_kept_for_critical_work() -> None:
+    g = Gate(4, reserve=1)
+    normal = [g.acquire("p", NORMAL, 0.01) for _ in range(3)]
+    assert all(normal)
+    assert g.acquire("p", NORMAL, 0.01) is None
+    assert g.acquire("p", SHEDDABLE, 0.01) is None
+    crit = g.acquire("p", CRITICAL, 0.01)
+    assert crit is not None
+    for t in [*normal, crit]:
+        g.release(t)  # type: ignore[arg-type]
+    assert_empty(g)
+
+
+def test_critical_waiters_are_served_before_normal_ones() -> None:
+    g = Gate(1)
+    held = g.acquire("p", NORMAL, 0.1)
+    order: list[str] = []
+    lock = threading.Lock()
+
+    def want(name: str, rank: int) -> None:
+        t = g.acquire("p", rank, 5.0)
+        with lock:
+            order.append(name)
+        time.sleep(0.01)
+        g.release(t)  # type: ignore[arg-type]
+
+    ts = [threading.Thread(target=want, args=("normal", NORMAL))]
+    ts[0].start()
+    while g.waiting < 1:
+        time.sleep(0.001)
+    ts.append(threading.Thread(target=want, args=("critical", CRITICAL)))
+    ts[1].start()
+    while g.waiting < 2:
+        time.sleep(0.001)
+    g.release(held)  # type: ignore[arg-type]
+    for t in ts:
+        t.join(5)
+    assert order == ["critical", "normal"]
+    assert_empty(g)
+
+
+async def test_async_waiter_does_not_block_the_loop_and_times_out() -> None:
+    g = Gate(1)
+    held = await g.acquire_async("p", NORMAL, 0.1)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    tk = asyncio.create_task(ticker())
+    assert await g.acquire_async("p", NORMAL, 0.1) is None
+    tk.cancel()
+    assert ticks >= 5  # the loop kept running while the waiter waited
+    g.release(held)  # type: ignore[arg-type]
+    assert_empty(g)
+
+
+async def test_cancelled_async_waiter_gives_its_place_back() -> None:
+    g = Gate(1)
+    held = await g.acquire_async("p", NORMAL, 0.1)
+    waiter = asyncio.create_task(g.acquire_async("p", NORMAL, 10.0))
+    await asyncio.sleep(0.01)
+    assert g.waiting == 1
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert g.waiting == 0
+    g.release(held)  # type: ignore[arg-type]
+    assert_empty(g)
+
+
+async def test_waiter_cancelled_right_after_its_grant_returns_the_slot() -> None:
+    g = Gate(1)
+    held = await g.acquire_async("p", NORMAL, 0.1)
+    waiter = asyncio.create_task(g.acquire_async("p", NORMAL, 10.0))
+    await asyncio.sleep(0.01)
+    g.release(held)  # type: ignore[arg-type]  # grants the waiter...
+    waiter.cancel()  # ...which is cancelled before it runs again
+    try:
+        t = await waiter
+    except asyncio.CancelledError:
+        t = None
+    if t is not None:
+        g.release(t)
+    assert_empty(g)
+
+
+async def test_thread_release_wakes_async_waiter_on_its_loop() -> None:
+    g = Gate(1)
+    held = g.acquire("p", NORMAL, 0.1)
+    waiter = asyncio.create_task(g.acquire_async("p", NORMAL, 5.0))
+    await asyncio.sleep(0.01)
+    threading.Thread(target=g.release, args=(held,)).start()
+    t = await asyncio.wait_for(waiter, 5)
+    assert t is not None
+    g.release(t)
+    assert_empty(g)
+
+
+_op = st.one_of(
+    st.tuples(st.just("acquire"), st.sampled_from(["a", "b", "c"]), st.sampled_from([0, 1, 2])),
+    st.tuples(st.just("release"), st.integers(0, 50), st.just(0)),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    capacity=st.integers(1, 8),
+    reserve_frac=st.floats(0, 0.9),
+    share=st.sampled_from([0.25, 0.5, 1.0]),
+    ops=st.lists(_op, min_size=50, max_size=400),
+)
+def test_accounting_holds_under_random_operations(
+    capacity: int, reserve_frac: float, share: float, ops: list[tuple[str, object, int]]
+) -> None:
+    reserve = min(capacity - 1, int(capacity * reserve_frac))
+    g = Gate(capacity, reserve=reserve, max_share=share)
+    held: list[Ticket] = []
+    for kind, arg, rank in ops:
+        if kind == "acquire":
+            t = g.acquire(str(arg), rank, 0.0)
+            if t is not None:
+                held.append(t)
+                # A non-critical grant never eats into the critical reserve.
+                if rank != 0:
+                    assert g.held <= capacity - reserve
+        elif held:
+            t = held.pop(int(arg) % len(held))  # type: ignore[call-overload]
+            g.release(t)
+        snap = g.snapshot()
+        assert 0 <= snap.held <= capacity
+        assert snap.held == len(held)
+        assert sum(snap.held_by_partition.values()) == snap.held
+        assert snap.waiting == 0
+    for t in held:
+        g.release(t)
+    assert_empty(g)
+    assert g.granted_total == g.released_total

@@ -1,0 +1,309 @@
+"""PoolGuard on a real PostgreSQL: server-side time-outs for psycopg 3, psycopg2 and asyncpg,
+no extra round trip in the steady state (counted on the server), and the faults: a backend
+killed mid-statement, a server restart under load, cancellation at await points."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from poolguard import BudgetExceeded, PoolSaturated, QueryTimeout
+
+pytestmark = pytest.mark.postgresql
+MakeGuard = Callable[..., Any]
+
+SYNC_DRIVERS = ["psycopg", "psycopg2"]
+
+
+def sync_url(pg_url: str, driver: str) -> str:
+    return pg_url.replace("+psycopg", f"+{driver}")
+
+
+@pytest.mark.parametrize("driver", SYNC_DRIVERS)
+def test_statement_timeout_is_enforced_by_the_server(
+    make_guard: MakeGuard, pg_url: str, driver: str
+) -> None:
+    engine = sa.create_engine(sync_url(pg_url, driver), pool_size=2)
+    make_guard(engine, statement_timeout=0.3)
+    with engine.connect() as c:
+        assert c.execute(sa.text("show statement_timeout")).scalar() == "300ms"
+        t0 = time.monotonic()
+        with pytest.raises(QueryTimeout) as ei:
+            c.execute(sa.text("select pg_sleep(5)"))
+        assert time.monotonic() - t0 < 2.0
+        c.rollback()
+        # Healthy afterwards, on the same connection.
+        assert c.execute(sa.text("select 1")).scalar() == 1
+    err = ei.value
+    assert isinstance(err, sa.exc.OperationalError)
+    assert err.timeout == pytest.approx(0.3)
+    assert err.elapsed >= 0.25
+    assert "pg_sleep" in err.summary.lower() or err.summary.upper().startswith("SELECT")
+    assert "5" not in str(err.statement)  # the literal-free form stands in for the SQL
+
+
+@pytest.mark.parametrize("driver", SYNC_DRIVERS)
+def test_timed_out_transaction_is_rolled_back(
+    make_guard: MakeGuard, pg_url: str, driver: str
+) -> None:
+    engine = sa.create_engine(sync_url(pg_url, driver))
+    with engine.begin() as c:
+        c.execute(sa.text("drop table if exists pg_rollback_t"))
+        c.execute(sa.text("create table pg_rollback_t (x int)"))
+    make_guard(engine, statement_timeout=0.2)
+    try:
+        with pytest.raises(QueryTimeout), engine.begin() as c:
+            c.execute(sa.text("insert into pg_rollback_t values (1)"))
+            c.execute(sa.text("select pg_sleep(3)"))
+        with engine.connect() as c:
+            assert c.execute(sa.text("select count(*) from pg_rollback_t")).scalar() == 0
+    finally:
+        with engine.begin() as c:
+            c.execute(sa.text("drop table pg_rollback_t"))
+
+
+@pytest.mark.parametrize("driver", SYNC_DRIVERS)
+def test_deadline_tightens_with_set_local_and_reverts(
+    make_guard: MakeGuard, pg_url: str, driver: str
+) -> None:
+    engine = sa.create_engine(sync_url(pg_url, driver), pool_size=1, max_overflow=0)
+    guard = make_guard(engine, statement_timeout=5.0)
+    with guard.budget(deadline=0.4), engine.connect() as c:
+        t0 = time.monotonic()
+        with pytest.raises(QueryTimeout) as ei:
+            c.execute(sa.text("select pg_sleep(3)"))
+        assert time.monotonic() - t0 < 1.5
+        assert ei.value.timeout <= 0.4
+    with engine.connect() as c:  # same pooled connection: the default is back
+        assert c.execute(sa.text("show statement_timeout")).scalar() == "5s"
+
+
+@pytest.mark.parametrize("driver", SYNC_DRIVERS)
+def test_transaction_mode_sets_timeout_per_transaction(
+    make_guard: MakeGuard, pg_url: str, driver: str
+) -> None:
+    engine = sa.create_engine(sync_url(pg_url, driver))
+    make_guard(engine, statement_timeout=0.25, pg_timeout_mode="transaction")
+    with engine.connect() as c:
+        with pytest.raises(QueryTimeout):
+            c.execute(sa.text("select pg_sleep(3)"))
+        c.rollback()
+        # Every transaction gets its SET LOCAL...
+        assert c.execute(sa.text("show statement_timeout")).scalar() == "250ms"
+        c.rollback()
+        # ...and nothing is set at session level (PgBouncer would leak it to other clients):
+        # a statement that bypasses SQLAlchemy sees the server's default.
+        cur = c.connection.dbapi_connection.cursor()
+        cur.execute("show statement_timeout")
+        assert cur.fetchone()[0] != "250ms"
+        cur.close()
+        c.rollback()
+
+
+def test_no_extra_round_trip_in_the_steady_state(make_guard: MakeGuard, pg_cluster: Any) -> None:
+    """Counted by the server (pg_stat_statements): 200 statements, one SET per connection."""
+    admin = sa.create_engine(pg_cluster.url, poolclass=sa.NullPool)
+    engine = sa.create_engine(pg_cluster.url, pool_size=2, max_overflow=0)
+    with admin.begin() as c:
+        c.execute(sa.text("select pg_stat_statements_reset()"))
+    guard = make_guard(engine, statement_timeout=2.0)
+    for i in range(100):
+        with engine.connect() as c:
+            c.execute(sa.text("select :x + 1"), {"x": i})
+    with guard.budget(deadline=30.0), engine.connect() as c:  # deadline far above the default
+        for i in range(100):
+            c.execute(sa.text("select :x + 2"), {"x": i})
+    with admin.connect() as c:
+        rows = c.execute(
+            sa.text(
+                "select query, calls from pg_stat_statements "
+                "where query ilike 'set %' or query ilike 'select $1 +%'"
+            )
+        ).all()
+    calls = {q: n for q, n in rows}
+    sets = sum(n for q, n in calls.items() if q.lower().startswith("set"))
+    selects = sum(n for q, n in calls.items() if q.lower().startswith("select"))
+    assert selects == 200
+    assert sets == 1  # one connection was ever opened: one SET, at connect
+    admin.dispose()
+
+
+def test_near_deadline_set_local_is_not_repeated_per_statement(
+    make_guard: MakeGuard, pg_cluster: Any
+) -> None:
+    admin = sa.create_engine(pg_cluster.url, poolclass=sa.NullPool)
+    engine = sa.create_engine(pg_cluster.url, pool_size=1, max_overflow=0)
+    guard = make_guard(engine, statement_timeout=5.0)
+    with engine.connect() as c:
+        c.execute(sa.text("select 1"))  # the connection exists: its SET is done
+    with admin.begin() as c:
+        c.execute(sa.text("select pg_stat_statements_reset()"))
+    with guard.budget(deadline=2.0), engine.connect() as c:
+        for i in range(50):
+            c.execute(sa.text("select :x + 3"), {"x": i})
+    with admin.connect() as c:
+        sets = c.execute(
+            sa.text(
+                "select coalesce(sum(calls), 0) from pg_stat_statements where query ilike 'set local%'"
+            )
+        ).scalar()
+    # 50 statements in one transaction under a 2 s deadline: the value set serves a band of
+    # remaining time, so SET LOCAL goes out a handful of times at most, not 50.
+    assert 1 <= sets <= 5
+    admin.dispose()
+
+
+def test_backend_killed_mid_statement_leaks_nothing(make_guard: MakeGuard, pg_url: str) -> None:
+    engine = sa.create_engine(pg_url, pool_size=2, max_overflow=0)
+    guard = make_guard(engine, statement_timeout=10.0)
+    admin = sa.create_engine(pg_url, poolclass=sa.NullPool)
+    errors: list[BaseException] = []
+    pid: list[int] = []
+
+    def victim() -> None:
+        try:
+            with engine.connect() as c:
+                pid.append(c.execute(sa.text("select pg_backend_pid()")).scalar_one())
+                c.execute(sa.text("select pg_sleep(8)"))
+        except BaseException as e:
+            errors.append(e)
+
+    t = threading.Thread(target=victim)
+    t.start()
+    while not pid:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    with admin.connect() as c:
+        c.execute(sa.text("select pg_terminate_backend(:p)"), {"p": pid[0]})
+    t.join(10)
+    assert len(errors) == 1 and isinstance(errors[0], sa.exc.OperationalError)
+    assert not isinstance(errors[0], QueryTimeout)  # a kill is not a time-out
+    assert guard.gate.held == 0
+    with engine.connect() as c:  # the pool recovers
+        assert c.execute(sa.text("select 1")).scalar() == 1
+    admin.dispose()
+
+
+def test_server_restart_under_load_leaks_nothing(make_guard: MakeGuard, pg_cluster: Any) -> None:
+    engine = sa.create_engine(pg_cluster.url, pool_size=3, max_overflow=0, pool_pre_ping=True)
+    guard = make_guard(engine, statement_timeout=2.0, checkout_timeout=0.5)
+    stop = threading.Event()
+    outcomes: dict[str, int] = {"ok": 0, "err": 0}
+    lock = threading.Lock()
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                with engine.connect() as c:
+                    c.execute(sa.text("select pg_sleep(0.01)"))
+                key = "ok"
+            except (
+                sa.exc.OperationalError,
+                sa.exc.InterfaceError,
+                sa.exc.DBAPIError,
+                PoolSaturated,
+            ):
+                key = "err"
+                time.sleep(0.02)
+            with lock:
+                outcomes[key] += 1
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    pg_cluster.restart()
+    time.sleep(0.5)
+    before = outcomes["ok"]
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert outcomes["ok"] > before  # it serves again after the restart
+    assert guard.gate.held == 0
+
+
+def test_dispose_while_connections_are_out(make_guard: MakeGuard, pg_url: str) -> None:
+    engine = sa.create_engine(pg_url, pool_size=2, max_overflow=0)
+    guard = make_guard(engine)
+    c1 = engine.connect()
+    c1.execute(sa.text("select 1"))
+    engine.dispose()
+    with engine.connect() as c2:
+        assert c2.execute(sa.text("show statement_timeout")).scalar() == "5s"
+    assert guard.gate.held == 1
+    c1.close()
+
+
+# -- asyncpg -------------------------------------------------------------------------------
+async def test_asyncpg_statement_timeout(make_guard: MakeGuard, pg_async_url: str) -> None:
+    engine = create_async_engine(pg_async_url, pool_size=2)
+    guard = make_guard(engine, statement_timeout=0.3)
+    try:
+        async with engine.connect() as c:
+            assert (await c.execute(sa.text("show statement_timeout"))).scalar() == "300ms"
+            with pytest.raises(QueryTimeout):
+                await c.execute(sa.text("select pg_sleep(5)"))
+            await c.rollback()
+            assert (await c.execute(sa.text("select 1"))).scalar() == 1
+        async with guard.budget(deadline=0.25), engine.connect() as c:
+            with pytest.raises(QueryTimeout) as ei:
+                await c.execute(sa.text("select pg_sleep(5)"))
+            assert ei.value.timeout <= 0.25
+    finally:
+        await engine.dispose()
+
+
+async def test_asyncpg_cancellation_at_every_await_point(
+    make_guard: MakeGuard, pg_async_url: str
+) -> None:
+    engine = create_async_engine(pg_async_url, pool_size=1, max_overflow=0)
+    guard = make_guard(engine, statement_timeout=5.0, checkout_timeout=5.0)
+
+    async def work() -> None:
+        async with engine.connect() as c:
+            await c.execute(sa.text("select pg_sleep(0.05)"))
+            await c.execute(sa.text("select pg_sleep(2)"))
+
+    try:
+        # Cancel at increasing delays: during connect, the first statement, the second.
+        for delay in (0.0, 0.001, 0.01, 0.03, 0.1, 0.3):
+            task = asyncio.create_task(work())
+            await asyncio.sleep(delay)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert guard.gate.held == 0, f"slot held after cancel at {delay}"
+        # A waiter for the gate, cancelled, leaves nothing either.
+        async with engine.connect() as c:
+            await c.execute(sa.text("select 1"))
+            task = asyncio.create_task(work())
+            await asyncio.sleep(0.05)
+            assert guard.gate.waiting == 1
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        async with engine.connect() as c:
+            assert (await c.execute(sa.text("select 1"))).scalar() == 1
+    finally:
+        await engine.dispose()
+
+
+async def test_asyncpg_budget_max_queries(make_guard: MakeGuard, pg_async_url: str) -> None:
+    engine = create_async_engine(pg_async_url)
+    guard = make_guard(engine)
+    try:
+        async with guard.budget(max_queries=2), engine.connect() as c:
+            await c.execute(sa.text("select 1"))
+            await c.execute(sa.text("select 2"))
+            with pytest.raises(BudgetExceeded):
+                await c.execute(sa.text("select 3"))
+    finally:
+        await engine.dispose()
