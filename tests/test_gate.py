@@ -241,3 +241,78 @@ def test_accounting_holds_under_random_operations(
         g.release(t)
     assert_empty(g)
     assert g.granted_total == g.released_total
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    capacity=st.integers(1, 6),
+    reserve_frac=st.floats(0, 0.5),
+    share=st.sampled_from([0.34, 0.5, 1.0]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_accounting_holds_with_threads_waiting_and_timing_out(
+    capacity: int, reserve_frac: float, share: float, seed: int
+) -> None:
+    """8 threads x 150 random operations with real waits, time-outs and releases: nothing
+    is ever over-granted, and everything comes back."""
+    import random
+
+    reserve = min(capacity - 1, int(capacity * reserve_frac))
+    g = Gate(capacity, reserve=reserve, max_share=share)
+    violations: list[str] = []
+
+    def worker(n: int) -> None:
+        rnd = random.Random(seed + n)
+        mine: list[Ticket] = []
+        for _ in range(150):
+            if mine and rnd.random() < 0.5:
+                g.release(mine.pop(rnd.randrange(len(mine))))
+                continue
+            rank = rnd.choice([0, 1, 1, 2])
+            t = g.acquire(rnd.choice("abc"), rank, rnd.choice([0.0, 0.0005, 0.002]))
+            if t is not None:
+                mine.append(t)
+            held = g.held
+            if held > capacity:
+                violations.append(f"held {held} > capacity {capacity}")
+        for t in mine:
+            g.release(t)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not violations
+    assert_empty(g)
+    assert g.granted_total == g.released_total
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), capacity=st.integers(1, 4))
+async def test_accounting_holds_with_async_waiters_cancelled_at_random(
+    seed: int, capacity: int
+) -> None:
+    import random
+
+    rnd = random.Random(seed)
+    g = Gate(capacity, max_share=0.5)
+
+    async def user(n: int) -> None:
+        for _ in range(20):
+            t = await g.acquire_async(rnd.choice("ab"), rnd.choice([0, 1, 2]), 0.05)
+            if t is None:
+                continue
+            try:
+                await asyncio.sleep(rnd.choice([0, 0.001, 0.003]))
+            finally:
+                g.release(t)
+
+    tasks = [asyncio.create_task(user(i)) for i in range(12)]
+    for _ in range(30):
+        await asyncio.sleep(rnd.choice([0, 0.001, 0.002]))
+        victim = rnd.choice(tasks)
+        victim.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert_empty(g)
+    assert g.granted_total == g.released_total

@@ -307,3 +307,29 @@ async def test_asyncpg_budget_max_queries(make_guard: MakeGuard, pg_async_url: s
                 await c.execute(sa.text("select 3"))
     finally:
         await engine.dispose()
+
+
+def test_reclaimed_leak_frees_its_locks(make_guard: MakeGuard, pg_url: str) -> None:
+    """A connection leaked inside a transaction holds row locks; reclaiming it ends the
+    server session, so writers of that row are served again while the leaker still holds
+    its (now dead) connection."""
+    engine = sa.create_engine(pg_url, pool_size=2, max_overflow=0)
+    with engine.begin() as c:
+        c.execute(sa.text("drop table if exists pg_leak_t"))
+        c.execute(sa.text("create table pg_leak_t (id int primary key, n int)"))
+        c.execute(sa.text("insert into pg_leak_t values (1, 0)"))
+    guard = make_guard(engine, hold_timeout=0.3, reclaim_leaked=True, statement_timeout=5.0)
+    leaked = engine.connect()
+    leaked.execute(sa.text("update pg_leak_t set n = n + 1 where id = 1"))  # row lock held
+    time.sleep(1.5)  # the watchdog reports and reclaims it
+    assert guard.stats()["leaks_reported"] == 1
+    with engine.connect() as c:
+        c.execute(sa.text("set local lock_timeout = 1000"))
+        c.execute(sa.text("update pg_leak_t set n = n + 10 where id = 1"))
+        c.commit()
+        assert c.execute(sa.text("select n from pg_leak_t")).scalar() == 10  # leak rolled back
+    with pytest.raises(sa.exc.DBAPIError):
+        leaked.execute(sa.text("select 1"))  # the leaker finds its connection gone
+    leaked.close()
+    with engine.begin() as c:
+        c.execute(sa.text("drop table pg_leak_t"))

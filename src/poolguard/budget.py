@@ -215,7 +215,7 @@ _current: contextvars.ContextVar[BudgetScope | None] = contextvars.ContextVar(
 current_scope = _current.get
 
 
-class scope_context:  # noqa: N801 - used like a function: ``with scope_context(budget):``
+class scope_context:
     """Opens a :class:`BudgetScope` for a ``with`` or ``async with`` block.
 
     The same object serves both forms so that ``guard.budget()`` reads the same in sync and

@@ -40,13 +40,13 @@ class PoolGuardError(Exception):
             "type": f"https://poolguard.dev/problems/{self.kind}",
             "title": self.title,
             "status": self.http_status,
-            "detail": self.detail(),
+            "detail": self.problem_detail(),
         }
         if self.retry_after is not None:
             body["retry_after"] = round(self.retry_after, 3)
         return body
 
-    def detail(self) -> str:
+    def problem_detail(self) -> str:
         return self.title
 
 
@@ -83,8 +83,11 @@ class QueryTimeout(PoolGuardError, sa_exc.OperationalError):
         self.elapsed = elapsed
         self.partition = partition
 
-    def detail(self) -> str:
-        return f"statement {self.summary} ({self.fingerprint}) exceeded its {self.timeout:.3f} s timeout"
+    def problem_detail(self) -> str:
+        return (
+            f"statement {self.summary} ({self.fingerprint}) exceeded its "
+            f"{self.timeout:.3f} s timeout"
+        )
 
     def __str__(self) -> str:
         return (
@@ -132,7 +135,7 @@ class PoolSaturated(PoolGuardError, sa_exc.TimeoutError):
         self.retry_after = retry_after
         sa_exc.TimeoutError.__init__(self, str(self))
 
-    def detail(self) -> str:
+    def problem_detail(self) -> str:
         return f"no database connection within {self.limit:.3f} s ({self.reason})"
 
     def __str__(self) -> str:
@@ -179,7 +182,7 @@ class BudgetExceeded(PoolGuardError):
         self.http_status = 504 if limit in ("deadline", "max_db_time") else 503
         super().__init__(str(self))
 
-    def detail(self) -> str:
+    def problem_detail(self) -> str:
         return f"budget {self.limit} exhausted"
 
     def __str__(self) -> str:
@@ -216,7 +219,7 @@ class QueryQuarantined(PoolGuardError):
         self.partition = partition
         super().__init__(str(self))
 
-    def detail(self) -> str:
+    def problem_detail(self) -> str:
         return f"statement {self.summary} ({self.fingerprint}) is quarantined"
 
     def __str__(self) -> str:
@@ -252,14 +255,16 @@ class Shed(PoolGuardError):
         self.partition = partition
         super().__init__(str(self))
 
-    def detail(self) -> str:
+    def problem_detail(self) -> str:
         return f"request shed ({self.reason})"
 
     def __str__(self) -> str:
         return f"Shed: {self.reason}, retry after {self.retry_after:.1f} s"
 
 
-def _rebuild(cls: type[PoolGuardError], kwargs: dict[str, Any]) -> PoolGuardError:  # pragma: no cover
+def _rebuild(
+    cls: type[PoolGuardError], kwargs: dict[str, Any]
+) -> PoolGuardError:  # pragma: no cover
     if cls is BudgetExceeded:
         limit = kwargs.pop("limit")
         return BudgetExceeded(limit, **kwargs)

@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
@@ -36,10 +38,9 @@ from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
 
 from .alerts import Alert, Alerter, SaturationDetector, StormDetector
-from .budget import PRIORITY_RANK, Budget, BudgetScope, _check_seconds
+from .budget import PRIORITY_RANK, Budget, BudgetScope, _check_seconds, scope_context
 from .budget import _current as _scope_var
 from .budget import current_scope as _current_scope
-from .budget import scope_context
 from .dialects import Enforcer, enforcer_for
 from .errors import BudgetExceeded, PoolGuardError, PoolSaturated, QueryQuarantined, QueryTimeout
 from .fingerprint import Fingerprint, fingerprint
@@ -47,7 +48,7 @@ from .gate import DEFAULT_PARTITION, Gate, Ticket
 from .quarantine import Quarantine, Transition
 from .shedding import CoDelShedder, Decision, estimate_retry_after
 from .stats import StatsRegistry
-from .telemetry import PoolState, Telemetry, instrumented_by_opentelemetry
+from .telemetry import PoolState, Telemetry, db_system_name, instrumented_by_opentelemetry
 
 __all__ = ["PoolGuard"]
 
@@ -62,8 +63,18 @@ _READY = "poolguard.ready"
 #: Stands in for the budget scope while the pool creates a connection: statements run then
 #: (the dialect's first-connect queries, users' connect listeners) are the connection's own.
 _CONNECTING = BudgetScope(Budget())
-_SKIP_MODULES = ("sqlalchemy", "poolguard", "contextlib", "asyncio", "greenlet", "anyio",
-                 "starlette", "fastapi", "concurrent", "threading")
+_SKIP_MODULES = (
+    "sqlalchemy",
+    "poolguard",
+    "contextlib",
+    "asyncio",
+    "greenlet",
+    "anyio",
+    "starlette",
+    "fastapi",
+    "concurrent",
+    "threading",
+)
 
 
 @dataclass(eq=False)
@@ -108,6 +119,7 @@ class PoolGuard:
         statement_timeout: float = 5.0,
         checkout_timeout: float = 1.0,
         hold_timeout: float = 30.0,
+        reclaim_leaked: bool = False,
         capacity: int | None = None,
         critical_reserve: int | None = None,
         partition_share: float = 0.5,
@@ -126,6 +138,10 @@ class PoolGuard:
         alert_debounce: float = 60.0,
         pool_name: str | None = None,
         max_fingerprints: int = 1000,
+        operation_metrics: bool = False,
+        exception_events: bool = True,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         if isinstance(engine, AsyncEngine):
             sync_engine = engine.sync_engine
@@ -157,16 +173,23 @@ class PoolGuard:
                 f"trace_statements must be 'all', 'slow' or 'off', got {trace_statements!r}"
             )
         if isinstance(partition_share, bool) or not isinstance(partition_share, (int, float)):
-            raise TypeError(f"partition_share must be a float, got {type(partition_share).__name__}")
+            raise TypeError(
+                f"partition_share must be a float, got {type(partition_share).__name__}"
+            )
         if capacity is not None and (
             isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1
         ):
             raise ValueError(f"capacity must be an int >= 1, got {capacity!r}")
-        if isinstance(max_fingerprints, bool) or not isinstance(max_fingerprints, int) or (
-            max_fingerprints < 1
+        if (
+            isinstance(max_fingerprints, bool)
+            or not isinstance(max_fingerprints, int)
+            or (max_fingerprints < 1)
         ):
             raise ValueError(f"max_fingerprints must be an int >= 1, got {max_fingerprints!r}")
 
+        if not isinstance(reclaim_leaked, bool):
+            raise TypeError(f"reclaim_leaked must be a bool, got {type(reclaim_leaked).__name__}")
+        self.reclaim_leaked = reclaim_leaked
         self.engine = engine
         self.sync_engine = sync_engine
         self._is_async = sync_engine.dialect.is_async
@@ -192,7 +215,9 @@ class PoolGuard:
                 else 600.0,
             )
         if isinstance(quarantine_allow, str):
-            raise TypeError("quarantine_allow must be an iterable of fingerprints or SQL, not a str")
+            raise TypeError(
+                "quarantine_allow must be an iterable of fingerprints or SQL, not a str"
+            )
         for item in quarantine_allow:
             self.quarantine.allow(_as_fingerprint_id(item))
         with _option_prefix("shed_"):
@@ -201,13 +226,20 @@ class PoolGuard:
         self.pool_name = pool_name or _default_pool_name(sync_engine)
         self.telemetry = Telemetry(
             pool_name=self.pool_name,
-            db_system=sync_engine.dialect.name,
+            db_system=db_system_name(sync_engine.dialect),
             pool_state=self._pool_state,
+            meter_provider=meter_provider,
+            tracer_provider=tracer_provider,
             trace_statements=trace_statements,
             slow_statement_threshold=slow_statement_threshold,
+            # opentelemetry-instrumentation-sqlalchemy already traces statements: never twice.
             statement_spans=not instrumented_by_opentelemetry(sync_engine),
+            operation_metrics=operation_metrics,
+            exception_events=exception_events,
         )
         self.alerts = Alerter(on_alert, debounce=alert_debounce)
+        #: Zero waits belong in the wait-time histogram too, but only cost anything with an SDK.
+        self._wait_metric = True
         self._saturation = SaturationDetector()
         self._storm = StormDetector(threshold=max(10, 2 * cap))
         self._held: dict[Any, _Hold] = {}
@@ -220,8 +252,7 @@ class PoolGuard:
         with _guards_lock:
             if sync_engine in _guards:
                 raise RuntimeError(
-                    "engine already has a PoolGuard installed; close() it before installing "
-                    "another"
+                    "engine already has a PoolGuard installed; close() it before installing another"
                 )
             _guards[sync_engine] = self
         try:
@@ -414,10 +445,16 @@ class PoolGuard:
             now = time.monotonic()
             if ticket is None:
                 ticket = self._wait_for_slot(scope, partition, rank, now)
-            elif rank:
-                # Critical work skips the queue (reserve, priority), so its near-zero waits
-                # say nothing about the queue: only other work's waits feed CoDel.
-                self.shedder.observe(0.0, now)
+            else:
+                if rank:
+                    # Critical work skips the queue (reserve, priority), so its near-zero
+                    # waits say nothing about the queue: only other work's waits feed CoDel.
+                    self.shedder.observe(0.0, now)
+                if self._wait_metric:
+                    t = time.time_ns()
+                    self.telemetry.pool_wait(
+                        t, t, partition=partition, priority=_PRIORITY_NAME[rank], acquired=True
+                    )
             # Statements run while connecting (the dialect's first-connect queries, users'
             # connect listeners) belong to the connection, not to the caller's budget.
             token = _scope_var.set(_CONNECTING)
@@ -711,7 +748,7 @@ class PoolGuard:
                 log.exception("poolguard watchdog failed")
 
     def _scan(self, now: float) -> None:
-        for hold in list(self._held.values()):
+        for record, hold in list(self._held.items()):
             if not hold.reported and now - hold.since > self.hold_timeout:
                 hold.reported = True
                 self._leaks_reported += 1
@@ -734,6 +771,8 @@ class PoolGuard:
                 )
                 if not alerted:  # debounced: every leak still gets its one WARNING line
                     log.warning(msg)
+                if self.reclaim_leaked:
+                    self._reclaim(record)
         g = self.gate
         saturated = g.waiting > 0 and g.oldest_wait(now) > self.shedder.target
         if self._saturation.observe(saturated, now):
@@ -744,6 +783,25 @@ class PoolGuard:
                 f"{g.capacity} connections in use",
                 {"pool": self.pool_name, "waiting": g.waiting, "held": g.held},
                 now,
+            )
+
+    def _reclaim(self, record: Any) -> None:
+        """Close a leaked connection's DBAPI connection so the server ends its session.
+
+        The server then rolls back its transaction and frees its locks: what hurts other
+        requests. The pool slot stays counted until the holder returns (or drops) the
+        connection, whose next use fails as a disconnect, so no one is handed a connection
+        that another caller still holds. Async drivers need their event loop to close a
+        connection, which this thread does not have: there the leak is only reported.
+        """
+        if self._is_async:
+            log.warning("reclaim_leaked: cannot close an asyncio connection from the watchdog")
+            return
+        try:
+            record.invalidate()
+        except Exception as e:  # the driver may complain about a connection in use
+            log.warning(
+                "reclaim_leaked: closing the leaked connection failed: %s", type(e).__name__
             )
 
     # -- helpers ------------------------------------------------------------------------------

@@ -10,8 +10,13 @@ from .base import Enforcer
 __all__ = ["Enforcer", "enforcer_for"]
 
 
-def enforcer_for(dialect: Dialect, *, pg_mode: str, lock_timeout: float | None,
-                 idle_in_transaction_timeout: float | None) -> Enforcer:
+def enforcer_for(
+    dialect: Dialect,
+    *,
+    pg_mode: str,
+    lock_timeout: float | None,
+    idle_in_transaction_timeout: float | None,
+) -> Enforcer:
     name = dialect.name
     if name == "postgresql":
         from .postgresql import PostgreSQLEnforcer

@@ -72,5 +72,5 @@ class MySQLEnforcer(Enforcer):
         return statement
 
     def is_timeout(self, exc: BaseException) -> bool:
-        args = getattr(exc, "args", ())
-        return bool(args) and args[0] in (_MARIADB_TIMEOUT, _MYSQL_TIMEOUT)
+        args: tuple[Any, ...] = getattr(exc, "args", ())
+        return len(args) > 0 and args[0] in (_MARIADB_TIMEOUT, _MYSQL_TIMEOUT)

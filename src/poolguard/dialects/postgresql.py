@@ -76,7 +76,7 @@ class PostgreSQLEnforcer(Enforcer):
         context: ExecutionContext,
     ) -> str:
         want = 0 if timeout is None else ms(timeout)
-        conn: Any = context.root_connection  # type: ignore[attr-defined]
+        conn: Any = context.root_connection
         txn = conn._transaction
         info = context._dbapi_connection.info  # type: ignore[attr-defined]
         cached = info.get(_LOCAL_KEY)
