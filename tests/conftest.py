@@ -39,7 +39,8 @@ def require_server(kind: str, url: str) -> str:
             eng.dispose()
     problem = _reachable[kind]
     if problem is not None:
-        msg = f"{kind} at {sa.make_url(url).render_as_string()} unreachable ({problem}); {_HOW_TO_START[kind]}"
+        where = sa.make_url(url).render_as_string()
+        msg = f"{kind} at {where} unreachable ({problem}); {_HOW_TO_START[kind]}"
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)

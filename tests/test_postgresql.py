@@ -127,7 +127,7 @@ def test_no_extra_round_trip_in_the_steady_state(make_guard: MakeGuard, pg_clust
                 "where query ilike 'set %' or query ilike 'select $1 +%'"
             )
         ).all()
-    calls = {q: n for q, n in rows}
+    calls = dict(rows)
     sets = sum(n for q, n in calls.items() if q.lower().startswith("set"))
     selects = sum(n for q, n in calls.items() if q.lower().startswith("select"))
     assert selects == 200
@@ -151,7 +151,8 @@ def test_near_deadline_set_local_is_not_repeated_per_statement(
     with admin.connect() as c:
         sets = c.execute(
             sa.text(
-                "select coalesce(sum(calls), 0) from pg_stat_statements where query ilike 'set local%'"
+                "select coalesce(sum(calls), 0) from pg_stat_statements "
+                "where query ilike 'set local%'"
             )
         ).scalar()
     # 50 statements in one transaction under a 2 s deadline: the value set serves a band of
