@@ -342,14 +342,14 @@ def test_stats_snapshot_is_json_and_worst_first(
     guard = make_guard(engine, statement_timeout=0.1)
     with engine.connect() as c:
         for i in range(5):
-            c.execute(sa.text(f"select {i} + 1000"))
+            c.execute(sa.text(f"select {i}, 'zebra-secret'"))
         with pytest.raises(QueryTimeout):
             c.execute(sa.text(ENDLESS))
     snap = json.loads(json.dumps(guard.stats()))
     rows = snap["statements"]
     assert rows[0]["timeouts"] == 1
     cheap = next(r for r in rows if r["count"] == 5)
-    assert "1000" not in json.dumps(snap)  # literals never reach the stats
+    assert "zebra" not in json.dumps(snap)  # literals never reach the stats
     assert cheap["summary"].upper().startswith("SELECT")
 
 

@@ -71,6 +71,7 @@ class QueryTimeout(PoolGuardError, sa_exc.OperationalError):
         elapsed: float,
         orig: BaseException | None = None,
         partition: str | None = None,
+        cause: str = "statement",
     ) -> None:
         # The literal-free normal form stands in for the statement so that SQLAlchemy's
         # own message ("[SQL: ...]") cannot leak literals; parameters are never kept.
@@ -82,11 +83,14 @@ class QueryTimeout(PoolGuardError, sa_exc.OperationalError):
         self.timeout = timeout
         self.elapsed = elapsed
         self.partition = partition
+        #: "statement" (it ran too long) or "lock" (it waited too long for another's lock).
+        self.cause = cause
 
     def problem_detail(self) -> str:
+        what = "lock wait" if self.cause == "lock" else "timeout"
         return (
             f"statement {self.summary} ({self.fingerprint}) exceeded its "
-            f"{self.timeout:.3f} s timeout"
+            f"{self.timeout:.3f} s {what}"
         )
 
     def __str__(self) -> str:
@@ -107,6 +111,7 @@ class QueryTimeout(PoolGuardError, sa_exc.OperationalError):
                     "timeout": self.timeout,
                     "elapsed": self.elapsed,
                     "partition": self.partition,
+                    "cause": self.cause,
                 },
             ),
         )

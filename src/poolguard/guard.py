@@ -124,7 +124,7 @@ class PoolGuard:
         critical_reserve: int | None = None,
         partition_share: float = 0.5,
         pg_timeout_mode: Literal["session", "transaction"] = "session",
-        lock_timeout: float | None = None,
+        lock_timeout: float | Literal["auto"] | None = "auto",
         idle_in_transaction_timeout: float | None = None,
         quarantine_threshold: int = 3,
         quarantine_window: float = 60.0,
@@ -160,7 +160,13 @@ class PoolGuard:
         self.hold_timeout: float = _check_seconds(  # type: ignore[assignment]
             "hold_timeout", hold_timeout, allow_none=False
         )
+        if lock_timeout == "auto":
+            # Shorter than the statement time-out, so a request stuck behind another's lock
+            # fails as a lock wait (never quarantined) while the lock holder's own statement
+            # is the one that hits statement_timeout and gets quarantined.
+            lock_timeout = self.statement_timeout / 2
         _check_seconds("lock_timeout", lock_timeout)
+        self.lock_timeout = lock_timeout
         _check_seconds("idle_in_transaction_timeout", idle_in_transaction_timeout)
         _check_seconds("slow_statement_threshold", slow_statement_threshold, allow_none=False)
         _check_seconds("alert_debounce", alert_debounce, allow_none=False)
@@ -687,18 +693,22 @@ class PoolGuard:
     ) -> None:
         t1 = time.time_ns()
         elapsed = (t1 - t0) / 1e9
-        timed_out = timeout is not None and self.enforcer.is_timeout(err)
+        cause = self.enforcer.classify(err)
+        timed_out = cause is not None
         self._stats.record(fp, elapsed, error=True, timeout=timed_out)
         if scope is not None:
             scope.record_statement(elapsed, timed_out=timed_out)
         now = time.monotonic()
         partition = scope.partition if scope is not None else None
-        if timed_out:
-            assert timeout is not None
-            context._poolguard_timeout = (fp, timeout, elapsed, partition)  # type: ignore[attr-defined]
-            t = self.quarantine.record_timeout(fp.id, fp.summary, now)
-            if t is not None:
-                self._on_transition(t)
+        if cause is not None:
+            limit = (self.lock_timeout if cause == "lock" else timeout) or elapsed
+            context._poolguard_timeout = (fp, limit, elapsed, partition, cause)  # type: ignore[attr-defined]
+            if cause == "statement":
+                t = self.quarantine.record_timeout(fp.id, fp.summary, now)
+                if t is not None:
+                    self._on_transition(t)
+            elif self.quarantine.active:
+                self.quarantine.record_error(fp.id, now)
         elif self.quarantine.active:
             self.quarantine.record_error(fp.id, now)
         self.telemetry.statement(fp, t0, t1, partition=partition, timeout=timeout, error=err)
@@ -707,7 +717,7 @@ class PoolGuard:
         info = getattr(ctx.execution_context, "_poolguard_timeout", None)
         if info is None:
             return None
-        fp, timeout, elapsed, partition = info
+        fp, timeout, elapsed, partition, cause = info
         err = QueryTimeout(
             fingerprint=fp.id,
             summary=fp.summary,
@@ -716,6 +726,7 @@ class PoolGuard:
             elapsed=elapsed,
             orig=ctx.original_exception,
             partition=partition,
+            cause=cause,
         )
         self.telemetry.refusal(
             err, kind="timeout", partition=partition, fingerprint=fp, timeout=timeout

@@ -29,7 +29,7 @@ def enforcer_for(
     if name in ("mysql", "mariadb"):
         from .mysql import MySQLEnforcer
 
-        return MySQLEnforcer()
+        return MySQLEnforcer(lock_timeout=lock_timeout)
     if name == "sqlite":
         from .sqlite import SQLiteEnforcer
 

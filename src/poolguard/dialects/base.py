@@ -42,9 +42,14 @@ class Enforcer:
     def on_transaction_end(self, info: dict[Any, Any]) -> None:
         """A transaction ended: forget any per-transaction setting."""
 
-    def is_timeout(self, exc: BaseException) -> bool:
-        """True when ``exc`` is the database reporting that a statement ran out of time."""
-        return False
+    def classify(self, exc: BaseException) -> str | None:
+        """Name the time-out ``exc`` reports, or None when it is not one.
+
+        ``"statement"``: the statement ran past its time-out (it counts towards quarantine);
+        ``"lock"``: it waited too long for a lock someone else holds. A lock wait is the
+        victim's time-out, not the culprit's, so it never counts towards quarantine.
+        """
+        return None
 
 
 class ClientSideOnly(Enforcer):

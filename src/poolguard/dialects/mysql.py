@@ -12,6 +12,7 @@ different value carries it in its own text, so nothing else is sent:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
@@ -20,13 +21,15 @@ from .base import Enforcer, ms
 
 _MARIADB_TIMEOUT = 1969  # ER_STATEMENT_TIMEOUT
 _MYSQL_TIMEOUT = 3024  # ER_QUERY_TIMEOUT
+_LOCK_WAIT_TIMEOUT = 1205  # ER_LOCK_WAIT_TIMEOUT
 
 
 class MySQLEnforcer(Enforcer):
     name = "mysql"
 
-    def __init__(self) -> None:
+    def __init__(self, *, lock_timeout: float | None = None) -> None:
         self.is_mariadb: bool | None = None
+        self.lock_timeout = lock_timeout
 
     def _detect(self, dbapi_connection: Any) -> bool:
         if self.is_mariadb is None:
@@ -43,10 +46,14 @@ class MySQLEnforcer(Enforcer):
         self, dbapi_connection: DBAPIConnection, info: dict[Any, Any], default_timeout: float | None
     ) -> None:
         mariadb = self._detect(dbapi_connection)
-        if default_timeout is None:
-            return
         cur = dbapi_connection.cursor()
         try:
+            if self.lock_timeout is not None:
+                # InnoDB counts whole seconds, at least one.
+                secs = max(1, math.ceil(self.lock_timeout))
+                cur.execute(f"SET SESSION innodb_lock_wait_timeout = {secs}")
+            if default_timeout is None:
+                return
             if mariadb:
                 cur.execute(f"SET SESSION max_statement_time = {default_timeout:.3f}")
             else:
@@ -71,6 +78,11 @@ class MySQLEnforcer(Enforcer):
             return f"{statement[:i]} /*+ MAX_EXECUTION_TIME({n}) */{statement[i:]}"
         return statement
 
-    def is_timeout(self, exc: BaseException) -> bool:
+    def classify(self, exc: BaseException) -> str | None:
         args: tuple[Any, ...] = getattr(exc, "args", ())
-        return len(args) > 0 and args[0] in (_MARIADB_TIMEOUT, _MYSQL_TIMEOUT)
+        code = args[0] if args else None
+        if code in (_MARIADB_TIMEOUT, _MYSQL_TIMEOUT):
+            return "statement"
+        if code == _LOCK_WAIT_TIMEOUT:
+            return "lock"
+        return None

@@ -23,6 +23,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, Execution
 from .base import Enforcer, ms
 
 _QUERY_CANCELED = "57014"
+_LOCK_NOT_AVAILABLE = "55P03"
 _LOCAL_KEY = "poolguard.pg_local"
 
 
@@ -48,21 +49,24 @@ class PostgreSQLEnforcer(Enforcer):
     ) -> None:
         if self.mode != "session":
             return
-        settings = []
+        settings: list[tuple[str, int]] = []
         if default_timeout is not None:
-            settings.append(f"SET statement_timeout = {ms(default_timeout)}")
+            settings.append(("statement_timeout", ms(default_timeout)))
         if self.lock_timeout is not None:
-            settings.append(f"SET lock_timeout = {ms(self.lock_timeout)}")
+            settings.append(("lock_timeout", ms(self.lock_timeout)))
         if self.idle_in_transaction_timeout is not None:
             settings.append(
-                f"SET idle_in_transaction_session_timeout = {ms(self.idle_in_transaction_timeout)}"
+                ("idle_in_transaction_session_timeout", ms(self.idle_in_transaction_timeout))
             )
         if not settings:
             return
+        # One statement for all of them: one round trip, and it works with every driver
+        # (asyncpg prepares statements, so "SET a; SET b" would not).
+        calls = ", ".join(f"set_config('{name}', '{value}', false)" for name, value in settings)
         cur = dbapi_connection.cursor()
         try:
-            for s in settings:
-                cur.execute(s)
+            cur.execute(f"SELECT {calls}")
+            cur.fetchall()
         finally:
             cur.close()
         # Commit so a later rollback cannot revert the session default.
@@ -93,6 +97,10 @@ class PostgreSQLEnforcer(Enforcer):
         info[_LOCAL_KEY] = (txn, want)
         return statement
 
-    def is_timeout(self, exc: BaseException) -> bool:
+    def classify(self, exc: BaseException) -> str | None:
         code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
-        return code == _QUERY_CANCELED
+        if code == _QUERY_CANCELED:
+            return "statement"
+        if code == _LOCK_NOT_AVAILABLE:
+            return "lock"
+        return None

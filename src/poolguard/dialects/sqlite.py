@@ -72,7 +72,9 @@ class SQLiteEnforcer(Enforcer):
         if cell is not None:
             cell.at = None
 
-    def is_timeout(self, exc: BaseException) -> bool:
-        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_INTERRUPT:
-            return True
-        return isinstance(exc, sqlite3.OperationalError) and str(exc) == "interrupted"
+    def classify(self, exc: BaseException) -> str | None:
+        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_INTERRUPT or (
+            isinstance(exc, sqlite3.OperationalError) and str(exc) == "interrupted"
+        ):
+            return "statement"
+        return None
