@@ -452,7 +452,7 @@ def gather(url: str, connect_timeout: float = 5.0) -> ServerFacts:
     arg = _CONNECT_TIMEOUT_ARG.get(driver)
     if arg is not None:
         connect_args[arg] = (
-            max(2, math.ceil(connect_timeout)) if driver in _INT_TIMEOUT else (connect_timeout)
+            max(2, math.ceil(connect_timeout)) if driver in _INT_TIMEOUT else connect_timeout
         )
     # Name the session, so that whoever looks at pg_stat_activity sees who is asking.
     if driver in ("psycopg", "psycopg2", "psycopg_async", "pg8000"):
