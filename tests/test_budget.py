@@ -133,3 +133,10 @@ async def test_concurrent_tasks_have_separate_scopes() -> None:
     got = await asyncio.gather(*(work(f"p{i}") for i in range(10)))
     assert got == [f"p{i}" for i in range(10)]
     assert current_scope() is None
+
+
+def test_a_root_scope_may_be_critical() -> None:
+    with scope_context(Budget(priority="critical")) as s:
+        assert s.priority == "critical"
+        with scope_context(Budget()) as inner:
+            assert inner.priority == "critical"  # inherited

@@ -114,10 +114,12 @@ class BudgetScope:
         self.statement_timeout = _min_opt(
             b.statement_timeout, p.statement_timeout if p is not None else None
         )
-        parent_priority = p.priority if p is not None else "normal"
-        wanted = b.priority or parent_priority
-        # An inner scope may lower its priority but never raise it above its parent's.
-        self.priority = max(wanted, parent_priority, key=PRIORITY_RANK.__getitem__)
+        if p is None:
+            self.priority = b.priority or "normal"
+        else:
+            # An inner scope may lower its priority but never raise it above its parent's.
+            wanted = b.priority or p.priority
+            self.priority = max(wanted, p.priority, key=PRIORITY_RANK.__getitem__)
         self.partition = b.partition or (p.partition if p is not None else None)
 
     def chain(self) -> Iterator[BudgetScope]:
