@@ -258,7 +258,8 @@ def test_marker_applies_to_async_engines_and_other_threads(suite: pytest.Pyteste
             t.join()
         """
     )
-    result = suite.runpytest()
+    # -rN: no short summary, which repeats failure messages in full when CI is set.
+    result = suite.runpytest("-rN")
     result.assert_outcomes(failed=2)
     assert result.stdout.str().count("3 statements > max_statements=2") == 2
 
