@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -153,7 +154,10 @@ def test_closed_fingerprint_costs_no_allocation() -> None:
     def noop(fingerprint: str, now: float) -> None:
         return None
 
-    baseline = _peak_allocation(noop, times)
+    # Before 3.11 a method call's frame comes from the heap once (then from a free list):
+    # a constant, not a per-call cost.
+    slack = 0 if sys.version_info >= (3, 11) else 512
+    baseline = _peak_allocation(noop, times) + slack
     assert _peak_allocation(q.record_success, times) <= baseline
     assert _peak_allocation(q.check, times) <= baseline
     q.record_error(FP, 1.0)
