@@ -417,3 +417,33 @@ def test_listeners_are_on_the_sync_engine_of_an_async_engine(make_guard: MakeGua
     guard = make_guard(engine)
     assert guard.sync_engine is engine.sync_engine
     assert event.contains(engine.sync_engine, "do_execute", guard._on_do_execute)
+
+
+def test_guard_does_not_switch_on_connection_events(
+    make_guard: MakeGuard, sqlite_file_url: str
+) -> None:
+    """Any Connection-level listener makes SQLAlchemy run its event plumbing on every
+    execute; the guard's hooks are all pool and dialect events."""
+    engine = file_engine(sqlite_file_url)
+    make_guard(engine)
+    assert engine._has_events is False
+    with engine.connect() as c:
+        c.execute(sa.text("select 1"))
+    assert engine._has_events is False
+
+
+@pytest.mark.parametrize("poolclass", [sa.pool.SingletonThreadPool, sa.pool.StaticPool])
+def test_pools_that_share_one_connection_leak_no_slot(
+    make_guard: MakeGuard, poolclass: Any
+) -> None:
+    engine = sa.create_engine("sqlite://", poolclass=poolclass)
+    guard = make_guard(engine)
+    outer = engine.connect()
+    for _ in range(50):  # more than the gate's capacity, overlapping the outer checkout
+        with engine.connect() as c:
+            c.execute(sa.text("select 1"))
+    # One slot at most: StaticPool returns its one record on every close, so the first
+    # inner close already ends the outer hold (an undercount, never a leak).
+    assert guard.gate.held <= 1
+    outer.close()
+    assert guard.gate.held == 0

@@ -139,8 +139,9 @@ def test_timeout_and_quarantine_make_error_spans(
 
 # Strings carry a marker no log line, path or hex id contains, so finding the whole secret
 # anywhere can only mean it leaked; integers are longer than any number poolguard reports.
+# No ":" in strings: text() would read ":name" inside the literal as a bind parameter.
 _literal = st.one_of(
-    st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00"), max_size=24).map(
+    st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\x00:"), max_size=24).map(
         lambda s: "ZqX" + s
     ),
     st.integers(min_value=10**7, max_value=10**12),

@@ -3,6 +3,8 @@
 Public names only; see docs/ for the concepts and the configuration reference.
 """
 
+from typing import TYPE_CHECKING
+
 from .budget import Budget
 from .errors import (
     BudgetExceeded,
@@ -24,6 +26,10 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # type checkers see the real classes; at run time they load on first use
+    from .guard import PoolGuard
+    from .middleware import PoolGuardMiddleware
 
 
 def __getattr__(name: str) -> object:

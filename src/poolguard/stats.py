@@ -17,16 +17,20 @@ the rows an operator needs. So the registry keeps the first ``max_fingerprints``
 folds the rest into a single row called ``"other"``; a large ``other`` row is itself the
 signal that something generates unbounded SQL.
 
-Why a lock per row: the counters must be exact (an operator compares them with the
-database's own counts), and a lock that nobody else holds costs about as much as two
-attribute increments. Rows are created under a registry lock taken only on that miss path,
-so the hot path is a lock-free ``dict.get`` plus one uncontended per-row lock.
+Why a queue instead of a lock per row: ``record`` runs for every statement, and even an
+uncontended lock plus the histogram arithmetic measured 2.2 us per statement inside a real
+loop. Recorders only append a tuple to a ``collections.deque`` (atomic, about 0.1 us); every
+``_FOLD_AT`` entries, or when a snapshot is taken, one thread folds the queue into the rows
+under the registry lock. Counts stay exact (one folder at a time, nothing dropped), memory
+stays bounded (the queue never grows past ``_FOLD_AT`` plus what lands during one fold), and
+a snapshot always includes everything recorded before it was asked for.
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections import deque
 from collections.abc import Iterable
 from typing import cast
 
@@ -51,6 +55,9 @@ _UPPER: tuple[float, ...] = (
 )
 _log2 = math.log2
 _ceil = math.ceil
+#: Queue length at which a recorder folds the queue into the rows.
+_FOLD_AT = 256
+_OK, _ERROR, _TIMEOUT, _REFUSAL, _HOLD = range(5)
 
 
 def _bucket(seconds: float) -> int:
@@ -97,7 +104,6 @@ class _Row:
         "hold_buckets",
         "hold_count",
         "hold_max",
-        "lock",
         "max",
         "refusals",
         "timeouts",
@@ -106,7 +112,6 @@ class _Row:
 
     def __init__(self, fp: Fingerprint) -> None:
         self.fp = fp
-        self.lock = threading.Lock()
         self.count = 0
         self.errors = 0
         self.timeouts = 0
@@ -119,12 +124,12 @@ class _Row:
         self.hold_buckets: list[int] | None = None  # most fingerprints never get one
 
     def as_dict(self) -> dict[str, object]:
-        with self.lock:  # a consistent copy; the arithmetic happens outside
-            count, errors, timeouts = self.count, self.errors, self.timeouts
-            total, largest, buckets = self.total, self.max, list(self.buckets)
-            refusals = dict(self.refusals)
-            hold_count, hold_max = self.hold_count, self.hold_max
-            hold_buckets = list(self.hold_buckets) if self.hold_buckets is not None else None
+        # Called with the registry lock held: rows change only while it is held.
+        count, errors, timeouts = self.count, self.errors, self.timeouts
+        total, largest, buckets = self.total, self.max, self.buckets
+        refusals = dict(self.refusals)
+        hold_count, hold_max = self.hold_count, self.hold_max
+        hold_buckets = self.hold_buckets
         fp = self.fp
         return {
             "fingerprint": fp.id,
@@ -170,23 +175,10 @@ class StatsRegistry:
         if max_fingerprints < 1:
             raise ValueError(f"max_fingerprints must be >= 1, got {max_fingerprints}")
         self.max_fingerprints = max_fingerprints
-        self._lock = threading.Lock()  # creating rows, reset, snapshot copies
+        self._lock = threading.Lock()  # folding, snapshots, reset
         self._rows: dict[str, _Row] = {}
         self._other = _Row(Fingerprint(OTHER, "", OTHER, ""))
-
-    def _row(self, fp: Fingerprint) -> _Row:
-        # The miss path of every recorder: the first sight of a fingerprint.
-        rows = self._rows
-        if len(rows) >= self.max_fingerprints:
-            return rows.get(fp.id) or self._other
-        with self._lock:
-            rows = self._rows  # reset() may have swapped it
-            row = rows.get(fp.id)
-            if row is None:
-                if len(rows) >= self.max_fingerprints:
-                    return self._other
-                row = rows[fp.id] = _Row(fp)
-            return row
+        self._pending: deque[tuple[Fingerprint, object, int]] = deque()
 
     def record(
         self, fp: Fingerprint, elapsed: float, *, error: bool = False, timeout: bool = False
@@ -196,22 +188,10 @@ class StatsRegistry:
         ``timeout=True`` also counts as an error: ``errors`` is every failed execution,
         ``timeouts`` the subset that failed by running out of time.
         """
-        row = self._rows.get(fp.id) or self._row(fp)
-        if _LOWEST < elapsed <= _TOP:
-            i = _ceil(_log2(elapsed) * _STEPS_PER_DOUBLING + _OFFSET)
-        else:
-            i = _bucket(elapsed)
-            elapsed = _clean(elapsed)
-        with row.lock:
-            row.count += 1
-            row.total += elapsed
-            row.buckets[i] += 1
-            if elapsed > row.max:
-                row.max = elapsed
-            if error or timeout:
-                row.errors += 1
-                if timeout:
-                    row.timeouts += 1
+        p = self._pending
+        p.append((fp, elapsed, _TIMEOUT if timeout else _ERROR if error else _OK))
+        if len(p) >= _FOLD_AT:
+            self._fold(blocking=False)
 
     def record_refusal(self, fp: Fingerprint, kind: str) -> None:
         """Count one refusal of ``fp`` (``kind``: "quarantined", "budget", "saturated", ...).
@@ -219,51 +199,105 @@ class StatsRegistry:
         A refused statement never ran, so it is not an execution: ``count`` is unchanged.
         Keep ``kind`` to a small fixed vocabulary; it becomes a key of the row's ``refusals``.
         """
-        row = self._rows.get(fp.id) or self._row(fp)
-        with row.lock:
-            refusals = row.refusals
-            refusals[kind] = refusals.get(kind, 0) + 1
+        p = self._pending
+        p.append((fp, kind, _REFUSAL))
+        if len(p) >= _FOLD_AT:
+            self._fold(blocking=False)
 
     def record_hold(self, fp: Fingerprint, seconds: float) -> None:
         """Attribute ``seconds`` of connection hold time to ``fp``."""
-        row = self._rows.get(fp.id) or self._row(fp)
-        i = _bucket(seconds)
-        seconds = _clean(seconds)
-        with row.lock:
-            buckets = row.hold_buckets
-            if buckets is None:
-                buckets = row.hold_buckets = [0] * _NBUCKETS
-            buckets[i] += 1
-            row.hold_count += 1
-            if seconds > row.hold_max:
-                row.hold_max = seconds
+        p = self._pending
+        p.append((fp, seconds, _HOLD))
+        if len(p) >= _FOLD_AT:
+            self._fold(blocking=False)
+
+    def _fold(self, *, blocking: bool = True) -> None:
+        """Move the queue into the rows. A recorder that finds another thread folding goes
+        on: that thread, or the next fold, takes its entry."""
+        if not self._lock.acquire(blocking):
+            return
+        try:
+            self._fold_locked()
+        finally:
+            self._lock.release()
+
+    def _fold_locked(self) -> None:
+        pop = self._pending.popleft
+        rows = self._rows
+        while True:
+            try:
+                fp, value, what = pop()
+            except IndexError:
+                return
+            row = rows.get(fp.id)
+            if row is None:
+                if len(rows) >= self.max_fingerprints:
+                    row = self._other
+                else:
+                    row = rows[fp.id] = _Row(fp)
+            if what <= _TIMEOUT:
+                elapsed = cast(float, value)
+                if _LOWEST < elapsed <= _TOP:
+                    i = _ceil(_log2(elapsed) * _STEPS_PER_DOUBLING + _OFFSET)
+                else:
+                    i = _bucket(elapsed)
+                    elapsed = _clean(elapsed)
+                row.count += 1
+                row.total += elapsed
+                row.buckets[i] += 1
+                if elapsed > row.max:
+                    row.max = elapsed
+                if what != _OK:
+                    row.errors += 1
+                    if what == _TIMEOUT:
+                        row.timeouts += 1
+            elif what == _REFUSAL:
+                kind = cast(str, value)
+                row.refusals[kind] = row.refusals.get(kind, 0) + 1
+            else:
+                seconds = cast(float, value)
+                i = _bucket(seconds)
+                seconds = _clean(seconds)
+                buckets = row.hold_buckets
+                if buckets is None:
+                    buckets = row.hold_buckets = [0] * _NBUCKETS
+                buckets[i] += 1
+                row.hold_count += 1
+                if seconds > row.hold_max:
+                    row.hold_max = seconds
 
     def snapshot(self, limit: int | None = None) -> list[dict[str, object]]:
         """JSON-serialisable rows, worst first: most timeouts, then most refusals, then the
         most total time. The ``other`` row is included (and sorted like any row) once it
         has data. Durations are seconds rounded to microseconds."""
         with self._lock:
+            self._fold_locked()
             rows: Iterable[_Row] = list(self._rows.values())
-        out = [row.as_dict() for row in rows]
-        other = self._other
-        if other.count or other.refusals or other.hold_count:
-            out.append(other.as_dict())
+            out = [row.as_dict() for row in rows]
+            other = self._other
+            if other.count or other.refusals or other.hold_count:
+                out.append(other.as_dict())
         out.sort(key=_worst_first)
         return out if limit is None else out[: max(0, limit)]
 
     def get(self, fingerprint_id: str) -> dict[str, object] | None:
         """The row of one fingerprint id (``"other"`` for the overflow row), or None."""
-        if fingerprint_id == OTHER:
-            return self._other.as_dict()
-        row = self._rows.get(fingerprint_id)
-        return row.as_dict() if row is not None else None
+        with self._lock:
+            self._fold_locked()
+            if fingerprint_id == OTHER:
+                return self._other.as_dict()
+            row = self._rows.get(fingerprint_id)
+            return row.as_dict() if row is not None else None
 
     def reset(self) -> None:
-        """Forget everything. Recorders racing with a reset may land in the old rows."""
+        """Forget everything, including what is queued."""
         with self._lock:
+            self._pending.clear()
             self._rows = {}
             self._other = _Row(self._other.fp)
 
     def __len__(self) -> int:
         """The number of distinct fingerprints tracked (the ``other`` row not included)."""
-        return len(self._rows)
+        with self._lock:
+            self._fold_locked()
+            return len(self._rows)

@@ -41,7 +41,10 @@ class SQLiteEnforcer(Enforcer):
     name = "sqlite"
     # Every statement stores its own deadline; there is no session setting to lean on.
     session_baseline = False
-    # A deadline left behind must not interrupt the COMMIT that follows its statement.
+    # A deadline left behind must not interrupt what runs next on the connection: each
+    # statement stores its own, and the guard clears it when the connection is checked in.
+    # (COMMIT and ROLLBACK run a handful of VM instructions: far fewer than the handler's
+    # period, so they are never interrupted.)
     tracks_transactions = True
 
     def on_connect(
