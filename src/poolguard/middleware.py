@@ -21,28 +21,27 @@ endpoints.
 from __future__ import annotations
 
 import asyncio
-import importlib
 import json
 import logging
 import math
 import re
-import sys
 import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import anyio
-from starlette.routing import Match, WebSocketRoute, compile_path
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .budget import PRIORITY_RANK, Budget, BudgetScope
 from .errors import PoolGuardError, PoolSaturated, QueryQuarantined, Shed
 from .gate import DEFAULT_PARTITION
 from .guard import PoolGuard
+from .routing import MAX_DEPTH, Expansions, collect_templates, find_route
 from .shedding import estimate_retry_after
 
 __all__ = ["DEFAULT_DEADLINE", "PoolGuardMiddleware", "RouteRule"]
@@ -76,9 +75,6 @@ _METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
 _OTHER = "_OTHER"
-#: Nesting of Mounts and included routers followed before giving up (the request then uses
-#: the default rule, as an unmatched one would).
-_MAX_DEPTH = 16
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Seconds as a plain decimal: no sign, exponent, "inf", "nan", hex or digit separators (all
 # of which float() accepts), bounded length.
@@ -258,7 +254,7 @@ class PoolGuardMiddleware:
         self._rules = _parse_rules(routes)
         self._rules_checked = not self._rules
         self._plans: dict[tuple[str, str | None], _Plan] = {}
-        self._expanded: _Expansions = {}
+        self._expanded: Expansions = {}
         self._unmatched = _plan(self._default, DEFAULT_PARTITION)
         self._in_flight = _in_flight_for(guard, max_inflight)
 
@@ -390,7 +386,7 @@ class PoolGuardMiddleware:
         if routes is None:
             return self._unmatched
         # Matching runs on a copy: some routers note their progress in the scope.
-        found = _find_route(routes, dict(scope), "", 0, self._expanded)
+        found = find_route(routes, dict(scope), "", 0, self._expanded)
         if found is None:
             return self._unmatched
         method = str(scope.get("method", "")).upper()
@@ -423,7 +419,7 @@ class PoolGuardMiddleware:
                 "app.add_middleware()"
             )
         known: dict[str, set[str] | None] = {}
-        _collect_templates(routes, "", 0, known, self._expanded)
+        collect_templates(routes, "", 0, known, self._expanded)
         unknown = []
         for method, template in self._rules:
             methods = known.get(template, set())
@@ -703,115 +699,6 @@ def _plan(rule: RouteRule, partition: str) -> _Plan:
     )
 
 
-# -- route matching ---------------------------------------------------------------------------
-# These mirror Starlette's Router.app: the first route whose matches() says FULL handles the
-# request, and a Mount that matches handles it even if nothing inside it does (it answers
-# 404/405 then). Matching the same scope with the same objects is what makes a rule impossible
-# to dodge with path tricks: whatever path reaches a handler reaches it through this match.
-def _find_route(
-    routes: Iterable[Any], scope: Scope, prefix: str, depth: int, cache: _Expansions
-) -> str | None:
-    """The template of the route that will handle ``scope``; None when none will."""
-    for route in routes:
-        match, child_scope = route.matches(scope)
-        if match is not Match.FULL:
-            continue
-        inside = _inside(route, cache)
-        if inside is None:
-            return prefix + _template(route)
-        if depth >= _MAX_DEPTH:
-            return None
-        children, step = inside
-        return _find_route(children, {**scope, **child_scope}, prefix + step, depth + 1, cache)
-    return None
-
-
-def _collect_templates(
-    routes: Iterable[Any],
-    prefix: str,
-    depth: int,
-    out: dict[str, set[str] | None],
-    cache: _Expansions,
-) -> None:
-    """Every HTTP template reachable from ``routes`` with its methods (None: any method)."""
-    for route in routes:
-        if isinstance(getattr(route, "original_route", route), WebSocketRoute):
-            continue
-        inside = _inside(route, cache)
-        if inside is not None:
-            if depth < _MAX_DEPTH:
-                _collect_templates(inside[0], prefix + inside[1], depth + 1, out, cache)
-            continue
-        template = prefix + _template(route)
-        methods = getattr(route, "methods", None)
-        if template in out and out[template] is None:
-            continue
-        if not methods:
-            out[template] = None
-        else:
-            out[template] = (out.get(template) or set()) | {str(m).upper() for m in methods}
-
-
-def _template(route: Any) -> str:
-    path_format = getattr(route, "path_format", None)
-    if isinstance(path_format, str):
-        return path_format
-    return f"<{type(route).__name__}>"
-
-
-def _inside(route: Any, cache: _Expansions) -> tuple[list[Any], str] | None:
-    """The routes a container route dispatches to, and the path it adds to the template.
-
-    Mount and Host expose ``.routes`` (empty for a mounted plain ASGI app, which is then a
-    leaf with its ``/prefix/{path}`` template). FastAPI's included routers have no path
-    format of their own; ``fastapi.routing.iter_route_contexts`` lists the routes inside
-    them, with the include prefix already applied.
-    """
-    children = getattr(route, "routes", None)
-    if isinstance(children, list) and children:
-        path = getattr(route, "path", "")
-        return children, path if isinstance(path, str) else ""
-    if getattr(route, "path_format", None) is None:
-        contexts = _route_contexts(route, cache)
-        if contexts:
-            return contexts, ""
-    return None
-
-
-#: Routes inside FastAPI's included routers, by id of the including route: (that route, the
-#: routes version, the routes). Rebuilding them would cost ~1 us a route on every request.
-_Expansions = dict[int, tuple[Any, int, list[Any]]]
-
-
-def _route_contexts(route: Any, cache: _Expansions) -> list[Any]:
-    if "fastapi" not in sys.modules:  # no FastAPI imported: no FastAPI router can be here
-        return []
-    # FastAPI caches what an included router contains under a version that changes whenever
-    # a route is added anywhere below it. Keyed on the same version, this view of the routes
-    # is exactly as fresh as the router's own: never a route the router would not use.
-    version_of = getattr(getattr(route, "original_router", None), "_get_routes_version", None)
-    version = version_of() if callable(version_of) else None
-    if isinstance(version, int):
-        hit = cache.get(id(route))
-        if hit is not None and hit[0] is route and hit[1] == version:
-            return hit[2]
-    try:
-        iter_contexts: Callable[[list[Any]], Iterator[Any]] = importlib.import_module(
-            "fastapi.routing"
-        ).iter_route_contexts
-    except (ImportError, AttributeError):  # older FastAPI flattens included routers
-        return []
-    contexts = list(iter_contexts([route]))
-    if len(contexts) == 1 and getattr(contexts[0], "original_route", None) is route:
-        return []
-    # A RouteContext forwards every attribute to the route it wraps; matching that route
-    # directly halves the cost. Without the attribute, the wrapper serves as well.
-    routes = [getattr(c, "_effective_route", c) for c in contexts]
-    if isinstance(version, int):
-        cache[id(route)] = (route, version, routes)
-    return routes
-
-
 # -- the wire ---------------------------------------------------------------------------------
 def _header_deadline(headers: Any, name: bytes) -> float | None:
     """The caller's remaining time from its deadline header; None when absent or unusable.
@@ -837,7 +724,7 @@ def _header_deadline(headers: Any, name: bytes) -> float | None:
 
 def _guard_error(exc: BaseException) -> PoolGuardError | None:
     """The poolguard refusal behind ``exc``, also inside single-exception groups."""
-    for _ in range(_MAX_DEPTH):
+    for _ in range(MAX_DEPTH):
         if isinstance(exc, PoolGuardError):
             return exc
         inner = getattr(exc, "exceptions", None)  # (Base)ExceptionGroup, also on 3.10
