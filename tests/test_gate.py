@@ -316,3 +316,31 @@ async def test_accounting_holds_with_async_waiters_cancelled_at_random(
     await asyncio.gather(*tasks, return_exceptions=True)
     assert_empty(g)
     assert g.granted_total == g.released_total
+
+
+def test_over_share_partition_leaves_headroom_while_others_are_active() -> None:
+    g = Gate(15, reserve=1, max_share=0.5)  # share 7, headroom (15 - 1 - 7) // 2 = 3
+    assert g.headroom == 3
+    h = g.acquire("healthy", NORMAL, 0.0)  # healthy traffic is active...
+    assert h is not None
+    g.release(h)  # ...though it holds nothing right now
+    rogue = []
+    while (t := g.acquire("rogue", NORMAL, 0.0)) is not None:
+        rogue.append(t)
+    assert len(rogue) == 14 - 3  # borrowed beyond its share, but not the headroom
+    got = g.acquire("healthy", NORMAL, 0.0)
+    assert got is not None  # a healthy request finds a slot at once
+    for t in [*rogue, got]:
+        g.release(t)
+    assert_empty(g)
+
+
+def test_lone_partition_may_use_the_whole_pool() -> None:
+    g = Gate(15, reserve=1, max_share=0.5)
+    held = []
+    while (t := g.acquire("only", NORMAL, 0.0)) is not None:
+        held.append(t)
+    assert len(held) == 14  # everything but the critical reserve: nobody else is active
+    for t in held:
+        g.release(t)
+    assert_empty(g)

@@ -1026,7 +1026,14 @@ async def test_inflight_limit_sheds_by_priority_fast_and_counts_once(
         await release.wait()
         return Response("done")
 
-    app = Starlette(routes=[Route("/normal", held), Route("/bulk", held), Route("/pay", held)])
+    app = Starlette(
+        routes=[
+            Route("/normal", held),
+            Route("/other", held),
+            Route("/bulk", held),
+            Route("/pay", held),
+        ]
+    )
     app.add_middleware(
         PoolGuardMiddleware,
         guard=guard,
@@ -1055,7 +1062,7 @@ async def test_inflight_limit_sheds_by_priority_fast_and_counts_once(
     granted_before = guard.gate.snapshot().granted_total
     await start("/normal")  # 1 in flight
     shed_bulk = await refused("/bulk")  # sheddable stops at 1
-    await start("/normal")  # 2
+    await start("/other")  # 2 (another route: one route alone is held to its share)
     shed_normal = await refused("/normal")  # normal stops at 2
     await start("/pay")  # critical goes on to 3
     shed_pay = await refused("/pay")
@@ -1365,14 +1372,14 @@ async def test_fastapi_on_each_engine_kind(
 def test_in_flight_counter_is_thread_safe() -> None:
     from poolguard.middleware import _InFlight
 
-    counter = _InFlight(1000)
+    counter = _InFlight(1000, 0.5)
     admitted = [0] * 8
 
     def worker(i: int) -> None:
         for _ in range(2000):
-            if counter.enter(1):
+            if counter.enter(1, f"p{i % 3}"):
                 admitted[i] += 1
-                counter.leave()
+                counter.leave(f"p{i % 3}")
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
     for t in threads:
@@ -1380,4 +1387,21 @@ def test_in_flight_counter_is_thread_safe() -> None:
     for t in threads:
         t.join()
     assert counter.count == 0
+    assert counter.by_partition == {}
     assert sum(admitted) == 16000
+
+
+def test_in_flight_partition_share_applies_only_under_contention() -> None:
+    from poolguard.middleware import _InFlight
+
+    counter = _InFlight(10, 0.5)  # partition cap 5, contention from 5 in flight
+    assert all(counter.enter(1, "rogue") for _ in range(5))
+    assert not counter.enter(1, "rogue")  # over its share while half the limit is in use
+    assert not counter.enter(2, "rogue")
+    assert counter.enter(0, "rogue")  # critical work is never held to a share
+    assert all(counter.enter(1, "healthy") for _ in range(4))  # the others still get in
+    assert counter.count == 10
+    assert not counter.enter(1, "healthy")  # the limit itself
+    lone = _InFlight(10, 0.5)
+    assert lone.enter(1, "a")
+    assert lone.by_partition == {"a": 1}

@@ -25,6 +25,9 @@ from .budget import PRIORITY_RANK
 __all__ = ["DEFAULT_PARTITION", "Gate", "GateSnapshot", "Ticket"]
 
 DEFAULT_PARTITION = "default"
+#: Seconds after its last grant during which a partition counts as active.
+ACTIVE = 1.0
+_MAX_TRACKED = 1024
 _CRITICAL = PRIORITY_RANK["critical"]
 
 
@@ -90,6 +93,15 @@ class Gate:
         self.capacity = capacity
         self.reserve = reserve
         self.partition_cap = max(1, math.floor(capacity * max_share))
+        # A partition over its share may borrow free slots, but not the last ``headroom`` of
+        # them while other partitions are active: a rogue route asking faster than anyone
+        # else would otherwise take every slot between two healthy requests, and each healthy
+        # request would then wait for a rogue one to finish (seconds) although it was never
+        # over its own share.
+        self.headroom = min(
+            max(1, (capacity - reserve - self.partition_cap) // 2), capacity - reserve - 1
+        )
+        self._last_grant: dict[str, float] = {}
         self._lock = threading.Lock()
         self._held = 0
         self._held_by: dict[str, int] = {}
@@ -114,12 +126,23 @@ class Gate:
             others_waiting = self._waiting - self._waiting_by.get(partition, 0)
             if others_waiting > 0:
                 return False
+            if limit - self._held <= self.headroom and self._others_active(partition):
+                return False
         return True
+
+    def _others_active(self, partition: str) -> bool:
+        """Whether another partition was granted a slot within the last ``ACTIVE`` seconds."""
+        since = time.monotonic() - ACTIVE
+        return any(t > since for p, t in self._last_grant.items() if p != partition)
 
     def _grant(self, partition: str) -> None:
         self._held += 1
         self._held_by[partition] = self._held_by.get(partition, 0) + 1
         self.granted_total += 1
+        last = self._last_grant
+        if len(last) >= _MAX_TRACKED and partition not in last:
+            last.clear()  # partitions named without bound: forget, at worst, some activity
+        last[partition] = time.monotonic()
 
     def _dequeue(self, w: _Waiter) -> None:
         self._waiting -= 1
@@ -285,13 +308,30 @@ class Gate:
     def waiting(self) -> int:
         return self._waiting
 
-    def oldest_wait(self, now: float) -> float:
-        """How long the longest-waiting waiter has waited (0.0 when nobody waits)."""
+    def oldest_wait(self, now: float, partition: str | None = None) -> float:
+        """How long the longest-waiting waiter (of ``partition``, if given) has waited;
+        0.0 when nobody waits."""
         if not self._waiting:
             return 0.0
         with self._lock:
-            heads = [q[0].enqueued_at for q in self._queues if q]
+            if partition is None:
+                heads = [q[0].enqueued_at for q in self._queues if q]
+            elif partition not in self._waiting_by:
+                return 0.0
+            else:
+                # Queues are in arrival order: the partition's first waiter in each is its
+                # oldest there.
+                heads = []
+                for q in self._queues:
+                    for w in q:
+                        if w.partition == partition:
+                            heads.append(w.enqueued_at)
+                            break
         return now - min(heads) if heads else 0.0
+
+    def waiting_in(self, partition: str) -> int:
+        """Waiters of one partition (a plain read: exact enough for admission decisions)."""
+        return self._waiting_by.get(partition, 0)
 
     def drain_rate(self, now: float) -> float:
         """Slots released per second, over the last whole second."""

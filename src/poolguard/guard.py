@@ -60,6 +60,8 @@ _guards_lock = threading.Lock()
 #: Capacity assumed for pools that do not bound themselves (NullPool, StaticPool...).
 _UNBOUNDED_POOL_CAPACITY = 10
 _READY = "poolguard.ready"
+#: Partitions with a shedder of their own; further ones share the default partition's.
+_MAX_SHEDDERS = 1000
 #: Stands in for the budget scope while the pool creates a connection: statements run then
 #: (the dialect's first-connect queries, users' connect listeners) are the connection's own.
 _CONNECTING = BudgetScope(Budget())
@@ -227,7 +229,13 @@ class PoolGuard:
         for item in quarantine_allow:
             self.quarantine.allow(_as_fingerprint_id(item))
         with _option_prefix("shed_"):
-            self.shedder = CoDelShedder(target=shed_target, interval=shed_interval)
+            CoDelShedder(target=shed_target, interval=shed_interval)  # validates both
+        self.shed_target = float(shed_target)
+        self.shed_interval = float(shed_interval)
+        # One CoDel per partition: a route whose waiters queue because it is over its share
+        # of the pool says nothing about the queue other routes see; shedding them for it
+        # would turn one rogue route into an outage again.
+        self._shedders: dict[str, CoDelShedder] = {}
         self._stats = StatsRegistry(max_fingerprints=max_fingerprints)
         self.pool_name = pool_name or _default_pool_name(sync_engine)
         self.telemetry = Telemetry(
@@ -307,11 +315,12 @@ class PoolGuard:
         rank = PRIORITY_RANK[priority]
         now = time.monotonic()
         g = self.gate
-        decision = self.shedder.decide(
+        p = partition or DEFAULT_PARTITION
+        decision = self._shedder(p).decide(
             rank,
             now,
-            oldest_wait=g.oldest_wait(now),
-            waiting=g.waiting,
+            oldest_wait=g.oldest_wait(now, p),
+            waiting=g.waiting_in(p),
             capacity=g.capacity,
             drain_rate=g.drain_rate(now),
         )
@@ -320,6 +329,16 @@ class PoolGuard:
                 reason=decision.reason or "shed", priority=priority, partition=partition
             )
         return decision
+
+    def _shedder(self, partition: str) -> CoDelShedder:
+        s = self._shedders.get(partition)
+        if s is None:
+            if len(self._shedders) >= _MAX_SHEDDERS:  # partitions named without bound
+                partition = DEFAULT_PARTITION
+            s = self._shedders.setdefault(
+                partition, CoDelShedder(target=self.shed_target, interval=self.shed_interval)
+            )
+        return s
 
     def stats(self) -> dict[str, Any]:
         """A JSON-serialisable snapshot: pool, gate, quarantine and per-statement statistics."""
@@ -351,7 +370,7 @@ class PoolGuard:
                 "hold_timeout": self.hold_timeout,
                 "timeout_enforcement": self.enforcer.name,
             },
-            "shedding": {"level": self.shedder.level(now)},
+            "shedding": {"levels": {p: sh.level(now) for p, sh in list(self._shedders.items())}},
             "leaks_reported": self._leaks_reported,
             "quarantine": [_entry_dict(e) for e in self.quarantine.entries(now)],
             "statements": self._stats.snapshot(),
@@ -461,7 +480,7 @@ class PoolGuard:
                 if rank:
                     # Critical work skips the queue (reserve, priority), so its near-zero
                     # waits say nothing about the queue: only other work's waits feed CoDel.
-                    self.shedder.observe(0.0, now)
+                    self._shedder(partition).observe(0.0, now)
                 if self._wait_metric:
                     t = time.time_ns()
                     self.telemetry.pool_wait(
@@ -540,7 +559,7 @@ class PoolGuard:
         )
         waited = (end_ns - start_ns) / 1e9
         if rank:
-            self.shedder.observe(waited, time.monotonic())
+            self._shedder(partition).observe(waited, time.monotonic())
         if scope is not None:
             scope.record_pool_wait(waited)
         if ticket is None:
@@ -791,7 +810,7 @@ class PoolGuard:
                 if self.reclaim_leaked:
                     self._reclaim(record)
         g = self.gate
-        saturated = g.waiting > 0 and g.oldest_wait(now) > self.shedder.target
+        saturated = g.waiting > 0 and g.oldest_wait(now) > self.shed_target
         if self._saturation.observe(saturated, now):
             self.alerts.emit(
                 "saturation",

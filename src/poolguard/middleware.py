@@ -134,39 +134,57 @@ class _Plan:
 
 
 class _InFlight:
-    """Requests admitted and not finished, for one guard, with a ceiling per priority.
+    """Requests admitted and not finished, for one guard, with a ceiling per priority and a
+    share per partition.
 
     The ceilings are ``limit // 2`` for sheddable work, ``limit`` for normal work and
     ``limit + limit // 2`` for critical work: with the default limit of twice the pool's
     capacity, sheddable work stops once the pool could be full, normal work once a whole
     pool's worth is queued behind it, and critical work keeps half a limit of headroom (the
     gate also serves it first and keeps it a reserve).
+
+    A partition (route) may hold at most ``share`` of the limit once half of it is in use:
+    a rogue route's slow requests pile up in flight (25 requests/s of 0.8 s each keep 20 in
+    flight) and would otherwise take every place, refusing healthy routes at the door. Below
+    half the limit there is no contention and any route may use what is free.
     """
 
-    __slots__ = ("_lock", "ceilings", "count", "limit")
+    __slots__ = ("_lock", "by_partition", "ceilings", "count", "limit", "partition_cap")
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, share: float) -> None:
         self.limit = limit
         ceilings = [0, 0, 0]
         ceilings[PRIORITY_RANK["critical"]] = limit + limit // 2
         ceilings[PRIORITY_RANK["normal"]] = limit
         ceilings[PRIORITY_RANK["sheddable"]] = max(1, limit // 2)
         self.ceilings = tuple(ceilings)
+        self.partition_cap = max(1, math.floor(limit * share))
         self.count = 0
+        self.by_partition: dict[str, int] = {}
         # One guard may serve several event loops (servers in threads): a lock held for an
         # increment costs ~0.1 us uncontended.
         self._lock = threading.Lock()
 
-    def enter(self, rank: int) -> bool:
+    def enter(self, rank: int, partition: str) -> bool:
         with self._lock:
-            if self.count >= self.ceilings[rank]:
+            count = self.count
+            if count >= self.ceilings[rank]:
                 return False
-            self.count += 1
+            mine = self.by_partition.get(partition, 0)
+            if mine >= self.partition_cap and count >= self.limit // 2 and rank:
+                return False
+            self.count = count + 1
+            self.by_partition[partition] = mine + 1
             return True
 
-    def leave(self) -> None:
+    def leave(self, partition: str) -> None:
         with self._lock:
             self.count -= 1
+            n = self.by_partition[partition] - 1
+            if n:
+                self.by_partition[partition] = n
+            else:
+                del self.by_partition[partition]
 
 
 _in_flight: weakref.WeakKeyDictionary[PoolGuard, _InFlight] = weakref.WeakKeyDictionary()
@@ -178,7 +196,8 @@ def _in_flight_for(guard: PoolGuard, limit: int) -> _InFlight:
     with _in_flight_lock:
         counter = _in_flight.get(guard)
         if counter is None:
-            counter = _in_flight[guard] = _InFlight(limit)
+            share = guard.gate.partition_cap / guard.gate.capacity
+            counter = _in_flight[guard] = _InFlight(limit, share)
         elif counter.limit != limit:
             raise ValueError(
                 f"max_inflight={limit} conflicts with another PoolGuardMiddleware on the same "
@@ -276,7 +295,7 @@ class PoolGuardMiddleware:
 
         guard = self.guard
         in_flight = self._in_flight
-        if not in_flight.enter(plan.rank):
+        if not in_flight.enter(plan.rank, plan.partition):
             # guard.admit() counts its own refusals; this one is ours to count.
             guard.telemetry.shed(
                 reason="inflight_limit", priority=plan.priority, partition=plan.partition
@@ -312,7 +331,7 @@ class PoolGuardMiddleware:
             ) as budget:
                 await self._serve(scope, receive, send, budget)
         finally:
-            in_flight.leave()
+            in_flight.leave(plan.partition)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, budget: BudgetScope) -> None:
         """Run the app inside the budget, watching for the client going away."""
