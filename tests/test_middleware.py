@@ -629,7 +629,6 @@ def _inflight_full(app: Starlette) -> bool:
         (b"0.25", 0.25),
         (b" 1.5 ", 1.5),
         (b"1", 1.0),
-        (b"0", 0.001),  # "no time left": the first statement is refused
         (b"30", 2.0),  # never lengthens
         (b"999999999", 2.0),
         (b"-1", 2.0),
@@ -683,9 +682,10 @@ async def test_zero_deadline_header_refuses_the_first_statement_with_504(
 ) -> None:
     engine = sqlite_engine(sqlite_file_url)
     guard = make_guard(engine)
+    ran: list[str] = []
 
     def endpoint(request: Request) -> Response:
-        time.sleep(0.005)
+        ran.append("handler")
         with engine.connect() as c:
             c.execute(sa.text("select 1"))
         return JSONResponse({})
@@ -693,9 +693,11 @@ async def test_zero_deadline_header_refuses_the_first_statement_with_504(
     app = Starlette(routes=[Route("/r", endpoint)])
     app.add_middleware(PoolGuardMiddleware, guard=guard, deadline_header="x-request-deadline")
     async with client(app) as c:
-        r = await c.get("/r", headers={"x-request-deadline": "0"})
-    doc = assert_problem(r, 504, "budget-exceeded", retry_after=False)
-    assert "deadline" in doc["detail"]
+        for _ in range(20):  # never a race with a fast handler: it does not run at all
+            r = await c.get("/r", headers={"x-request-deadline": "0"})
+            doc = assert_problem(r, 504, "budget-exceeded", retry_after=False)
+            assert "deadline" in doc["detail"]
+    assert ran == []
 
 
 # -- errors from handlers -----------------------------------------------------------------------

@@ -38,7 +38,7 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .budget import PRIORITY_RANK, Budget, BudgetScope
-from .errors import PoolGuardError, PoolSaturated, QueryQuarantined, Shed
+from .errors import BudgetExceeded, PoolGuardError, PoolSaturated, QueryQuarantined, Shed
 from .gate import DEFAULT_PARTITION
 from .guard import PoolGuard
 from .routing import MAX_DEPTH, Expansions, collect_templates, find_route
@@ -56,8 +56,8 @@ Priority = Literal["critical", "normal", "sheddable"]
 #: retry), so the server stops working on a request before its client has abandoned it.
 DEFAULT_DEADLINE = 10.0
 
-#: Smallest deadline an incoming deadline header can ask for: "0" means "no time left", and
-#: the first statement is then refused (504) instead of started.
+#: Smallest deadline an incoming deadline header can ask for: below it ("0": no time left)
+#: the request is answered 504 at once, before the handler runs.
 MIN_HEADER_DEADLINE = 0.001
 
 #: Request body bytes read ahead of the handler. The disconnect watcher has to keep reading
@@ -291,6 +291,14 @@ class PoolGuardMiddleware:
         if self._header is not None:
             asked = _header_deadline(scope.get("headers"), self._header)
             if asked is not None and asked < deadline:
+                if asked < MIN_HEADER_DEADLINE:
+                    # The caller has no time left: answer now rather than start work that
+                    # nobody will wait for.
+                    spent = BudgetExceeded(
+                        "deadline", used=0.0, allowed=asked, partition=plan.partition
+                    )
+                    await _send_problem(send, spent, None)
+                    return
                 deadline = asked
 
         guard = self.guard
@@ -738,7 +746,7 @@ def _header_deadline(headers: Any, name: bytes) -> float | None:
         return None
     if match is None:
         return None
-    return max(float(match.group(1)), MIN_HEADER_DEADLINE)
+    return float(match.group(1))
 
 
 def _guard_error(exc: BaseException) -> PoolGuardError | None:
