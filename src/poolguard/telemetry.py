@@ -264,30 +264,24 @@ class Telemetry:
             description="The number of connections that are currently in state described by "
             "the `state` attribute.",
         )
-        meter.create_observable_up_down_counter(
-            "db.client.connection.max",
-            callbacks=[self._gauge(lambda s: s.max)],
-            unit="{connection}",
-            description="The maximum number of open connections allowed.",
-        )
-        meter.create_observable_up_down_counter(
-            "db.client.connection.idle.max",
-            callbacks=[self._gauge(lambda s: s.idle_max)],
-            unit="{connection}",
-            description="The maximum number of idle open connections allowed.",
-        )
-        meter.create_observable_up_down_counter(
-            "db.client.connection.idle.min",
-            callbacks=[self._gauge(lambda s: s.idle_min)],
-            unit="{connection}",
-            description="The minimum number of idle open connections allowed.",
-        )
-        meter.create_observable_up_down_counter(
-            "db.client.connection.pending_requests",
-            callbacks=[self._gauge(lambda s: s.pending)],
-            unit="{request}",
-            description="The number of current pending requests for an open connection.",
-        )
+        gauges: tuple[tuple[str, str, str, Callable[[PoolState], int]], ...] = (
+            ("max", "{connection}", "The maximum number of open connections allowed.",
+             lambda st: st.max),
+            ("idle.max", "{connection}", "The maximum number of idle open connections allowed.",
+             lambda st: st.idle_max),
+            ("idle.min", "{connection}", "The minimum number of idle open connections allowed.",
+             lambda st: st.idle_min),
+            ("pending_requests", "{request}",
+             "The number of current pending requests for an open connection.",
+             lambda st: st.pending),
+        )  # fmt: skip
+        for suffix, unit, description, read in gauges:
+            meter.create_observable_up_down_counter(
+                f"db.client.connection.{suffix}",
+                callbacks=[self._gauge(read)],
+                unit=unit,
+                description=description,
+            )
 
         # -- poolguard's own ---------------------------------------------------------------------
         self._refusals = meter.create_counter(
