@@ -91,16 +91,16 @@ def plot(results: Path, out: Path) -> None:
         lat_ax.set_yscale("log")
         lat_ax.set_ylim(0.5, 15000)
         lat_ax.axhline(10000, color="0.5", lw=0.8, ls=":")
-        lat_ax.set_ylabel("healthy latency (ms, log)")
+        lat_ax.set_ylabel("ms from intended send\n(shed 503s excluded)")
         lat_ax.set_title(
-            f"{title}: healthy latency per 0.5 s, from the intended send time, shed excluded",
+            f"{title}: healthy p50 / p99 per 0.5 s",
             fontsize=10,
             loc="left",
         )
         err_ax.set_ylim(-3, 103)
         err_ax.set_ylabel("healthy failed (%)")
         err_ax.set_title(
-            "healthy requests failed per 0.5 s (timeouts, 5xx); dotted: of which shed (503)",
+            "healthy failed per 0.5 s (time-outs, 5xx); dotted: of which shed",
             fontsize=10,
             loc="left",
         )
