@@ -447,3 +447,19 @@ def test_pools_that_share_one_connection_leak_no_slot(
     assert guard.gate.held <= 1
     outer.close()
     assert guard.gate.held == 0
+
+
+def test_timeout_cut_below_lock_timeout_earns_no_quarantine_strike(
+    make_guard: MakeGuard, sqlite_file_url: str
+) -> None:
+    """Under a nearly spent deadline the statement time-out drops below lock_timeout; such a
+    time-out may have ended a lock wait (a victim), so it must not quarantine the statement."""
+    engine = file_engine(sqlite_file_url)
+    guard = make_guard(engine, statement_timeout=2.0, quarantine_threshold=1)
+    assert guard.lock_timeout == pytest.approx(1.0)
+    with guard.budget(deadline=0.2), engine.connect() as c, pytest.raises(QueryTimeout):
+        c.execute(sa.text(ENDLESS))
+    assert guard.quarantined() == []
+    with engine.connect() as c, pytest.raises(QueryTimeout):  # a full time-out still counts
+        c.execute(sa.text(ENDLESS))
+    assert len(guard.quarantined()) == 1

@@ -587,13 +587,24 @@ def _meta() -> dict[str, Any]:
     }
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+def _signals_as_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt wherever the driver is, event loop included.
+
+    Not ``signal.default_int_handler``: for that one, ``asyncio.run`` (3.11+) installs its
+    own handler, which only cancels the main task, and that cancellation got absorbed on the
+    way out (seen here: a SIGINT in the load phase let the run finish as if nothing happened).
+    """
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def calibrate_capacity(healthy_cost: float, log_dir: Path) -> float:
@@ -672,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--duration must be within [3, 120] seconds")
 
     data = load_results()
-    with _sigterm_as_interrupt():
+    with _signals_as_interrupt():
         try:
             data["meta"].update(_meta())
             burst_rps = 0.0

@@ -728,7 +728,11 @@ class PoolGuard:
         if cause is not None:
             limit = (self.lock_timeout if cause == "lock" else timeout) or elapsed
             context._poolguard_timeout = (fp, limit, elapsed, partition, cause)  # type: ignore[attr-defined]
-            if cause == "statement":
+            # A time-out cut below lock_timeout (by the deadline or db-time left) may have
+            # ended a lock wait: the statement may be a victim, so it earns no strike.
+            lock = self.lock_timeout
+            strike = cause == "statement" and (lock is None or timeout is None or timeout >= lock)
+            if strike:
                 t = self.quarantine.record_timeout(fp.id, fp.summary, now)
                 if t is not None:
                     self._on_transition(t)
