@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -449,17 +450,78 @@ def test_pools_that_share_one_connection_leak_no_slot(
     assert guard.gate.held == 0
 
 
-def test_timeout_cut_below_lock_timeout_earns_no_quarantine_strike(
+def test_tightened_timeout_still_earns_a_quarantine_strike(
     make_guard: MakeGuard, sqlite_file_url: str
 ) -> None:
-    """Under a nearly spent deadline the statement time-out drops below lock_timeout; such a
-    time-out may have ended a lock wait (a victim), so it must not quarantine the statement."""
+    """A budget's statement time-out below lock_timeout still proves the statement ran too
+    long on SQLite (an interrupt never fires in a lock wait), so it counts."""
     engine = file_engine(sqlite_file_url)
     guard = make_guard(engine, statement_timeout=2.0, quarantine_threshold=1)
-    assert guard.lock_timeout == pytest.approx(1.0)
-    with guard.budget(deadline=0.2), engine.connect() as c, pytest.raises(QueryTimeout):
-        c.execute(sa.text(ENDLESS))
+    with guard.budget(statement_timeout=0.2), engine.connect() as c:
+        with pytest.raises(QueryTimeout) as ei:
+            c.execute(sa.text(ENDLESS))
+    assert ei.value.cause == "statement"
+    assert [q["fingerprint"] for q in guard.quarantined()] == [ei.value.fingerprint]
+
+
+def _hold_write_lock(url: str) -> sqlite3.Connection:
+    holder = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+    holder.execute("CREATE TABLE IF NOT EXISTS lk (n INTEGER)")
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO lk VALUES (1)")
+    return holder
+
+
+@pytest.mark.parametrize(("budget", "lock_wait"), [(None, 0.5), (0.3, 0.15)])
+def test_lock_wait_is_bounded_and_no_strike(
+    make_guard: MakeGuard, sqlite_file_url: str, budget: float | None, lock_wait: float
+) -> None:
+    """A writer blocked by another connection's write lock waits lock_timeout (the busy
+    timeout: 5 s by the driver's default), or half its deadline when that is shorter; it
+    fails as a lock wait, earns no quarantine strike, and leaves the pool as it was."""
+    engine = file_engine(sqlite_file_url)
+    guard = make_guard(engine, statement_timeout=1.0, quarantine_threshold=1)
+    with engine.begin() as c:
+        c.execute(sa.text("CREATE TABLE lk (n INTEGER)"))
+    holder = _hold_write_lock(sqlite_file_url)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(QueryTimeout) as ei, guard.budget(deadline=budget), engine.begin() as c:
+            c.execute(sa.text("INSERT INTO lk VALUES (2)"))
+        waited = time.monotonic() - t0
+    finally:
+        holder.rollback()
+        holder.close()
+    assert ei.value.cause == "lock"
+    assert ei.value.timeout == pytest.approx(lock_wait, abs=0.01)  # the deadline has ticked
+    assert lock_wait * 0.9 <= waited < lock_wait + 0.5
     assert guard.quarantined() == []
-    with engine.connect() as c, pytest.raises(QueryTimeout):  # a full time-out still counts
-        c.execute(sa.text(ENDLESS))
-    assert len(guard.quarantined()) == 1
+    with engine.begin() as c:  # the lock is gone: the same statement goes through
+        c.execute(sa.text("INSERT INTO lk VALUES (3)"))
+        assert c.execute(sa.text("SELECT count(*) FROM lk")).scalar() == 1
+
+
+async def test_aiosqlite_lock_wait_is_bounded(make_guard: MakeGuard, sqlite_file_url: str) -> None:
+    """The busy timeout is set on aiosqlite's own thread too, and lowered under a deadline."""
+    url = sqlite_file_url.replace("sqlite://", "sqlite+aiosqlite://")
+    engine = create_async_engine(url, poolclass=sa.AsyncAdaptedQueuePool)
+    guard = make_guard(engine, statement_timeout=1.0)
+    try:
+        async with engine.begin() as c:
+            await c.execute(sa.text("CREATE TABLE lk (n INTEGER)"))
+        holder = _hold_write_lock(sqlite_file_url)
+        try:
+            for budget, lock_wait in [(None, 0.5), (0.3, 0.15)]:
+                with pytest.raises(QueryTimeout) as ei:
+                    with guard.budget(deadline=budget):
+                        async with engine.begin() as c:
+                            await c.execute(sa.text("INSERT INTO lk VALUES (2)"))
+                assert ei.value.cause == "lock"
+                assert ei.value.timeout == pytest.approx(lock_wait, abs=0.01)
+                assert ei.value.elapsed < lock_wait + 0.5
+        finally:
+            holder.rollback()
+            holder.close()
+        assert guard.quarantined() == []
+    finally:
+        await engine.dispose()

@@ -78,3 +78,59 @@ async def test_aiomysql_timeout(make_guard: MakeGuard, mariadb_async_url: str) -
             assert (await c.execute(sa.text("select 1"))).scalar() == 1
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("deadline", "cause", "limit", "strikes"),
+    [
+        # 3 s left: the lock wait comes down to 1 s in the same SET STATEMENT.
+        (3.0, "lock", 1.0, 0),
+        # 0.6 s left: InnoDB's lock wait cannot go below 1 s, so max_statement_time ends the
+        # wait; that time-out may be a victim's, so it earns no strike.
+        (0.6, "statement", 0.6, 0),
+    ],
+)
+def test_lock_victim_under_a_deadline_earns_no_strike(
+    make_guard: MakeGuard,
+    mariadb_url: str,
+    deadline: float,
+    cause: str,
+    limit: float,
+    strikes: int,
+) -> None:
+    engine = sa.create_engine(mariadb_url, pool_size=2, max_overflow=0)
+    with engine.begin() as c:
+        c.execute(sa.text("drop table if exists my_lock_v"))
+        c.execute(sa.text("create table my_lock_v (id int primary key, n int) engine=innodb"))
+        c.execute(sa.text("insert into my_lock_v values (1, 0)"))
+    guard = make_guard(engine, statement_timeout=10.0, quarantine_threshold=1)
+    try:
+        with engine.begin() as holder:
+            holder.execute(sa.text("update my_lock_v set n = 1 where id = 1"))
+            t0 = time.monotonic()
+            with pytest.raises(QueryTimeout) as ei, guard.budget(deadline=deadline):
+                with engine.begin() as c:
+                    c.execute(sa.text("update my_lock_v set n = 2 where id = 1"))
+            waited = time.monotonic() - t0
+        assert ei.value.cause == cause
+        assert ei.value.timeout == pytest.approx(limit, abs=0.05)
+        assert waited < limit + 0.5
+        assert len(guard.quarantined()) == strikes
+        with engine.connect() as c:  # the session's lock wait is untouched
+            assert c.execute(sa.text("select @@innodb_lock_wait_timeout")).scalar() == 5
+    finally:
+        with engine.begin() as c:
+            c.execute(sa.text("drop table my_lock_v"))
+
+
+def test_tightened_statement_time_out_still_earns_a_strike(
+    make_guard: MakeGuard, mariadb_url: str
+) -> None:
+    """With 3 s left the lock wait is 1 s, so a statement time-out is the statement's own."""
+    engine = sa.create_engine(mariadb_url)
+    guard = make_guard(engine, statement_timeout=10.0, quarantine_threshold=1)
+    with guard.budget(statement_timeout=2.5), engine.connect() as c:
+        with pytest.raises(QueryTimeout) as ei:
+            c.execute(sa.text("select sleep(4)"))
+    assert ei.value.cause == "statement"
+    assert len(guard.quarantined()) == 1

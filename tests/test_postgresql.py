@@ -95,8 +95,9 @@ def test_transaction_mode_sets_timeout_per_transaction(
         with pytest.raises(QueryTimeout):
             c.execute(sa.text("select pg_sleep(3)"))
         c.rollback()
-        # Every transaction gets its SET LOCAL...
+        # Every transaction gets its transaction-local settings, lock_timeout too...
         assert c.execute(sa.text("show statement_timeout")).scalar() == "250ms"
+        assert c.execute(sa.text("show lock_timeout")).scalar() == "125ms"
         c.rollback()
         # ...and nothing is set at session level (PgBouncer would leak it to other clients):
         # a statement that bypasses SQLAlchemy sees the server's default.
@@ -154,7 +155,7 @@ def test_near_deadline_set_local_is_not_repeated_per_statement(
         sets = c.execute(
             sa.text(
                 "select coalesce(sum(calls), 0) from pg_stat_statements "
-                "where query ilike 'set local%'"
+                "where query ilike '%set_config%'"
             )
         ).scalar()
     # 50 statements in one transaction under a 2 s deadline: the value set serves a band of
@@ -386,3 +387,64 @@ def test_lock_holder_is_quarantined_and_its_victims_are_not(
     finally:
         with engine.begin() as c:
             c.execute(sa.text("drop table pg_lock_t"))
+
+
+@pytest.mark.parametrize("driver", SYNC_DRIVERS)
+def test_server_side_cursor_under_a_tightened_budget(
+    make_guard: MakeGuard, pg_url: str, driver: str
+) -> None:
+    """stream_results and yield_per use a named cursor, which runs only the statement it
+    declares: the transaction-local settings must go out on a cursor of their own."""
+    engine = sa.create_engine(sync_url(pg_url, driver), pool_size=1, max_overflow=0)
+    guard = make_guard(engine, statement_timeout=5.0)
+    with engine.connect() as c:
+        shown = c.execute(sa.text("show statement_timeout")).scalar()
+        assert shown == "5s"
+    with guard.budget(deadline=2.0), engine.connect() as c:
+        rows = c.execute(sa.text("select generate_series(1, 10)").execution_options(yield_per=3))
+        assert sum(r[0] for r in rows) == 55
+        assert 1500 <= int(c.execute(sa.text("show statement_timeout")).scalar()[:-2]) <= 2000
+
+
+async def test_asyncpg_server_side_cursor_under_a_tightened_budget(
+    make_guard: MakeGuard, pg_async_url: str
+) -> None:
+    engine = create_async_engine(pg_async_url, pool_size=1, max_overflow=0)
+    guard = make_guard(engine, statement_timeout=5.0)
+    try:
+        async with guard.budget(deadline=2.0), engine.connect() as c:
+            result = await c.stream(sa.text("select generate_series(1, 10)"))
+            assert sum([r[0] async for r in result]) == 55
+    finally:
+        await engine.dispose()
+
+
+def test_lock_victim_under_a_nearly_spent_deadline_fails_as_a_lock_wait(
+    make_guard: MakeGuard, pg_url: str
+) -> None:
+    """A deadline cuts the victim's statement time-out below lock_timeout; lock_timeout
+    comes down with it, so the victim still fails as a lock wait and earns no strike."""
+    engine = sa.create_engine(pg_url, pool_size=2, max_overflow=0)
+    with engine.begin() as c:
+        c.execute(sa.text("drop table if exists pg_lock_v"))
+        c.execute(sa.text("create table pg_lock_v (id int primary key, n int)"))
+        c.execute(sa.text("insert into pg_lock_v values (1, 0)"))
+    guard = make_guard(engine, statement_timeout=5.0, quarantine_threshold=1)
+    assert guard.lock_timeout == pytest.approx(2.5)
+    try:
+        with engine.begin() as holder:
+            holder.execute(sa.text("update pg_lock_v set n = 1 where id = 1"))
+            t0 = time.monotonic()
+            with pytest.raises(QueryTimeout) as ei, guard.budget(deadline=0.4):
+                with engine.begin() as c:
+                    c.execute(sa.text("update pg_lock_v set n = 2 where id = 1"))
+            waited = time.monotonic() - t0
+        assert ei.value.cause == "lock"
+        assert ei.value.timeout == pytest.approx(0.2, abs=0.02)
+        assert 0.15 <= waited < 0.4
+        assert guard.quarantined() == []
+        with engine.connect() as c:  # the pooled connection is back at the session defaults
+            assert c.execute(sa.text("show lock_timeout")).scalar() == "2500ms"
+    finally:
+        with engine.begin() as c:
+            c.execute(sa.text("drop table pg_lock_v"))

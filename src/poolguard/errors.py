@@ -96,7 +96,8 @@ class QueryTimeout(PoolGuardError, sa_exc.OperationalError):
     def __str__(self) -> str:
         return (
             f"QueryTimeout: {self.summary} [{self.fingerprint}] ran {self.elapsed:.3f} s, "
-            f"timeout {self.timeout:.3f} s"
+            + ("lock wait limit" if self.cause == "lock" else "timeout")
+            + f" {self.timeout:.3f} s"
         )
 
     def __reduce__(self) -> Any:  # pragma: no cover - pickling support for workers

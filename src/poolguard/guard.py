@@ -726,13 +726,12 @@ class PoolGuard:
         now = time.monotonic()
         partition = scope.partition if scope is not None else None
         if cause is not None:
-            limit = (self.lock_timeout if cause == "lock" else timeout) or elapsed
+            enforcer = self.enforcer
+            limit = (enforcer.lock_timeout_for(timeout) if cause == "lock" else timeout) or elapsed
             context._poolguard_timeout = (fp, limit, elapsed, partition, cause)  # type: ignore[attr-defined]
-            # A time-out cut below lock_timeout (by the deadline or db-time left) may have
-            # ended a lock wait: the statement may be a victim, so it earns no strike.
-            lock = self.lock_timeout
-            strike = cause == "statement" and (lock is None or timeout is None or timeout >= lock)
-            if strike:
+            # Only a time-out that cannot have been a lock wait earns a strike: the victims
+            # of a lock holder must not be quarantined in its place.
+            if cause == "statement" and enforcer.timeout_is_own(timeout):
                 t = self.quarantine.record_timeout(fp.id, fp.summary, now)
                 if t is not None:
                     self._on_transition(t)

@@ -33,7 +33,7 @@ def enforcer_for(
     if name == "sqlite":
         from .sqlite import SQLiteEnforcer
 
-        return SQLiteEnforcer()
+        return SQLiteEnforcer(lock_timeout=lock_timeout)
     from .base import ClientSideOnly
 
     return ClientSideOnly(name)

@@ -24,6 +24,9 @@ class Enforcer:
     #: True when the enforcer keeps per-transaction state that commit and rollback end.
     tracks_transactions = False
 
+    #: The session's lock wait limit in seconds (None: the server's own setting).
+    lock_timeout: float | None = None
+
     def on_connect(
         self, dbapi_connection: DBAPIConnection, info: dict[Any, Any], default_timeout: float | None
     ) -> None:
@@ -50,6 +53,19 @@ class Enforcer:
         victim's time-out, not the culprit's, so it never counts towards quarantine.
         """
         return None
+
+    def lock_timeout_for(self, timeout: float | None) -> float | None:
+        """The longest a statement with this time-out waits for a lock before the server
+        reports it as a lock wait (``"lock"``); None when the server's setting applies."""
+        return self.lock_timeout
+
+    def timeout_is_own(self, timeout: float | None) -> bool:
+        """True when a statement time-out at ``timeout`` proves the statement itself ran too
+        long. False when it may have been a lock wait (the lock wait limit is not below the
+        statement's): such a statement may be the victim of a lock holder, and quarantining
+        victims would take the healthy path down with the rogue one."""
+        lock = self.lock_timeout_for(timeout)
+        return lock is None or timeout is None or lock < timeout
 
 
 class ClientSideOnly(Enforcer):

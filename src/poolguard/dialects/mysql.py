@@ -5,6 +5,9 @@ different value carries it in its own text, so nothing else is sent:
 
 - MariaDB: ``max_statement_time`` (seconds, any statement); per statement
   ``SET STATEMENT max_statement_time=N FOR <statement>``.
+  A tightened time-out brings ``innodb_lock_wait_timeout`` down with it, in the same
+  ``SET STATEMENT`` (to half of it, in whole seconds): MariaDB's ``max_statement_time`` also
+  ends lock waits, so otherwise a lock victim would fail as a statement time-out.
 - MySQL: ``max_execution_time`` (milliseconds, read-only SELECT only); per statement the
   optimizer hint ``SELECT /*+ MAX_EXECUTION_TIME(N) */``. MySQL has no server-side limit for
   writes: the budget and the gate still bound them, the server does not.
@@ -30,6 +33,8 @@ class MySQLEnforcer(Enforcer):
     def __init__(self, *, lock_timeout: float | None = None) -> None:
         self.is_mariadb: bool | None = None
         self.lock_timeout = lock_timeout
+        # InnoDB counts whole seconds, at least one.
+        self._session_lock = None if lock_timeout is None else max(1, math.ceil(lock_timeout))
 
     def _detect(self, dbapi_connection: Any) -> bool:
         if self.is_mariadb is None:
@@ -48,10 +53,8 @@ class MySQLEnforcer(Enforcer):
         mariadb = self._detect(dbapi_connection)
         cur = dbapi_connection.cursor()
         try:
-            if self.lock_timeout is not None:
-                # InnoDB counts whole seconds, at least one.
-                secs = max(1, math.ceil(self.lock_timeout))
-                cur.execute(f"SET SESSION innodb_lock_wait_timeout = {secs}")
+            if self._session_lock is not None:
+                cur.execute(f"SET SESSION innodb_lock_wait_timeout = {self._session_lock}")
             if default_timeout is None:
                 return
             if mariadb:
@@ -70,6 +73,12 @@ class MySQLEnforcer(Enforcer):
     ) -> str:
         if self.is_mariadb:
             secs = 0.0 if timeout is None else max(0.001, timeout)
+            lock = self._lock_secs(timeout)
+            if lock != self._session_lock:
+                return (
+                    f"SET STATEMENT max_statement_time={secs:.3f}, "
+                    f"innodb_lock_wait_timeout={lock} FOR {statement}"
+                )
             return f"SET STATEMENT max_statement_time={secs:.3f} FOR {statement}"
         head = statement.lstrip()[:6]
         if head.upper() == "SELECT":
@@ -77,6 +86,16 @@ class MySQLEnforcer(Enforcer):
             i = len(statement) - len(statement.lstrip()) + 6
             return f"{statement[:i]} /*+ MAX_EXECUTION_TIME({n}) */{statement[i:]}"
         return statement
+
+    def _lock_secs(self, timeout: float | None) -> int | None:
+        lock = self._session_lock
+        if lock is None or timeout is None or not self.is_mariadb:
+            return lock  # MySQL's optimizer hints cannot set the lock wait per statement
+        return max(1, min(lock, int(timeout // 2)))
+
+    def lock_timeout_for(self, timeout: float | None) -> float | None:
+        lock = self._lock_secs(timeout)
+        return None if lock is None else float(lock)
 
     def classify(self, exc: BaseException) -> str | None:
         args: tuple[Any, ...] = getattr(exc, "args", ())

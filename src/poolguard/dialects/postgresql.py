@@ -1,17 +1,20 @@
-"""PostgreSQL: ``statement_timeout`` enforced by the server.
+"""PostgreSQL: ``statement_timeout`` and ``lock_timeout`` enforced by the server.
 
 Two modes, because PgBouncer in transaction pooling hands each transaction to whichever
 server connection is free, so a session-level ``SET`` leaks to other clients and the startup
 ``options`` are dropped:
 
-- ``session`` (default): ``SET statement_timeout`` once per new connection, committed, so
-  statements at the default cost nothing; a statement that needs a different value gets
-  ``SET LOCAL`` (scoped to its transaction, reverted by commit or rollback), at most once per
-  transaction and value band.
-- ``transaction``: nothing per connection; ``SET LOCAL`` on the first statement of every
-  transaction. One extra round trip per transaction: the price of transaction pooling.
+- ``session`` (default): the settings go in once per new connection, committed, so
+  statements at the default cost nothing; a statement that needs a different time-out gets
+  transaction-local settings (reverted by commit or rollback), at most once per transaction
+  and value band.
+- ``transaction``: nothing per connection; transaction-local settings on the first
+  statement of every transaction. One extra round trip per transaction: the price of
+  transaction pooling.
 
-``SET`` takes no bind parameters, so the value is inlined as a validated integer.
+A tightened statement time-out brings ``lock_timeout`` down with it (to half of it at most):
+otherwise a lock victim whose deadline is nearly spent would fail as a statement time-out,
+indistinguishable from the lock holder, and could be quarantined in its place.
 """
 
 from __future__ import annotations
@@ -58,19 +61,23 @@ class PostgreSQLEnforcer(Enforcer):
             settings.append(
                 ("idle_in_transaction_session_timeout", ms(self.idle_in_transaction_timeout))
             )
-        if not settings:
-            return
-        # One statement for all of them: one round trip, and it works with every driver
-        # (asyncpg prepares statements, so "SET a; SET b" would not).
-        calls = ", ".join(f"set_config('{name}', '{value}', false)" for name, value in settings)
-        cur = dbapi_connection.cursor()
-        try:
-            cur.execute(f"SELECT {calls}")
-            cur.fetchall()
-        finally:
-            cur.close()
-        # Commit so a later rollback cannot revert the session default.
-        dbapi_connection.commit()
+        if settings:
+            run_settings(dbapi_connection, settings, local=False)
+            # Commit so a later rollback cannot revert the session default.
+            dbapi_connection.commit()
+
+    def lock_timeout_for(self, timeout: float | None) -> float | None:
+        lock = self._lock_ms(0 if timeout is None else ms(timeout))
+        return None if lock is None else lock / 1000
+
+    def _lock_ms(self, want: int) -> int | None:
+        """A lock wait gets at most half of a tightened statement's time, so that a victim
+        of a lock holder fails as a lock wait (and earns no quarantine strike) even when a
+        deadline has cut its statement time-out below the configured ``lock_timeout``."""
+        if self.lock_timeout is None:
+            return None
+        lock = ms(self.lock_timeout)
+        return lock if want == 0 else min(lock, max(1, want // 2))
 
     def prepare(
         self,
@@ -82,7 +89,8 @@ class PostgreSQLEnforcer(Enforcer):
         want = 0 if timeout is None else ms(timeout)
         conn: Any = context.root_connection
         txn = conn._transaction
-        info = context._dbapi_connection.info  # type: ignore[attr-defined]
+        dbapi_connection: Any = context._dbapi_connection  # type: ignore[attr-defined]
+        info = dbapi_connection.info
         cached = info.get(_LOCAL_KEY)
         if cached is not None and cached[0] is txn:
             have = cached[1]
@@ -93,7 +101,18 @@ class PostgreSQLEnforcer(Enforcer):
                 return statement
             if have == want:
                 return statement
-        cursor.execute(f"SET LOCAL statement_timeout = {int(want)}")
+        settings = [("statement_timeout", want)]
+        lock = self._lock_ms(want)
+        if lock is not None:
+            # Always sent with the statement time-out, so a lowered value never outlives the
+            # band it was set for; it costs nothing, being the same statement.
+            settings.append(("lock_timeout", lock))
+        if self.mode == "transaction" and self.idle_in_transaction_timeout is not None:
+            idle = ms(self.idle_in_transaction_timeout)
+            settings.append(("idle_in_transaction_session_timeout", idle))
+        # A cursor of its own: the statement's cursor may be a server-side one (stream_results,
+        # yield_per), which can run only the one statement it declares.
+        run_settings(dbapi_connection, settings, local=True)
         info[_LOCAL_KEY] = (txn, want)
         return statement
 
@@ -104,3 +123,17 @@ class PostgreSQLEnforcer(Enforcer):
         if code == _LOCK_NOT_AVAILABLE:
             return "lock"
         return None
+
+
+def run_settings(dbapi_connection: Any, settings: list[tuple[str, int]], *, local: bool) -> None:
+    """Apply settings in one statement: one round trip, and it works with every driver
+    (asyncpg prepares statements, so "SET a; SET b" would not). ``SET`` takes no bind
+    parameters, so values are inlined as validated integers."""
+    scope = "true" if local else "false"
+    calls = ", ".join(f"set_config('{name}', '{int(value)}', {scope})" for name, value in settings)
+    cur = dbapi_connection.cursor()
+    try:
+        cur.execute(f"SELECT {calls}")
+        cur.fetchall()
+    finally:
+        cur.close()

@@ -5,6 +5,13 @@ thousand virtual-machine instructions and aborts the statement once its deadline
 (SQLite then raises "interrupted" and rolls back an interrupted write). Setting a statement's
 deadline is one store into a per-connection cell: no thread, no timer, no round trip. It
 works the same for sqlite3 and aiosqlite (whose worker thread runs the handler).
+
+A lock wait is SQLite's busy handler, which runs no VM instruction and so never calls the
+progress handler: left alone, a writer blocked by another would wait the driver's 5 s busy
+timeout whatever its deadline. So ``lock_timeout`` becomes the connection's busy timeout, and
+a tightened statement brings it down to half its time-out at most (a ``PRAGMA``, a local
+call, sent only when the value leaves its band). A lock wait then fails as "database is
+locked", reported as ``cause="lock"``, and an interrupt is always the statement's own work.
 """
 
 from __future__ import annotations
@@ -16,21 +23,24 @@ from typing import Any
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
 from sqlalchemy.util import await_only
 
-from .base import Enforcer
+from .base import Enforcer, ms
 
 _CELL_KEY = "poolguard.sqlite_deadline"
 #: VM instructions between checks: about every 10-100 us of work, invisible on short statements.
 _PROGRESS_STEPS = 2000
 _SQLITE_INTERRUPT = 9
+_SQLITE_BUSY = 5
 
 
 class _Deadline:
-    """The per-connection cell the progress handler reads; ``at`` is a monotonic deadline."""
+    """The per-connection cell the progress handler reads; ``at`` is a monotonic deadline.
+    ``busy_ms`` is the connection's busy timeout as last set (None: the driver's own)."""
 
-    __slots__ = ("at",)
+    __slots__ = ("at", "busy_ms")
 
     def __init__(self) -> None:
         self.at: float | None = None
+        self.busy_ms: int | None = None
 
     def __call__(self) -> int:
         at = self.at
@@ -47,6 +57,9 @@ class SQLiteEnforcer(Enforcer):
     # period, so they are never interrupted.)
     tracks_transactions = True
 
+    def __init__(self, *, lock_timeout: float | None = None) -> None:
+        self.lock_timeout = lock_timeout
+
     def on_connect(
         self, dbapi_connection: DBAPIConnection, info: dict[Any, Any], default_timeout: float | None
     ) -> None:
@@ -57,6 +70,10 @@ class SQLiteEnforcer(Enforcer):
         else:  # SQLAlchemy's aiosqlite adapter: run it on aiosqlite's own thread
             await_only(raw._connection.set_progress_handler(cell, _PROGRESS_STEPS))
         info[_CELL_KEY] = cell
+        if self.lock_timeout is not None:
+            busy = ms(self.lock_timeout)
+            _set_busy_timeout(dbapi_connection, busy)
+            cell.busy_ms = busy
 
     def prepare(
         self,
@@ -68,16 +85,55 @@ class SQLiteEnforcer(Enforcer):
         cell = context._dbapi_connection.info.get(_CELL_KEY)  # type: ignore[attr-defined]
         if cell is not None:
             cell.at = None if timeout is None else time.monotonic() + timeout
+            busy = self._busy_ms(timeout)
+            have = cell.busy_ms
+            # Inside [busy - slack, busy] the value already set serves: a shrinking deadline
+            # would otherwise cost a PRAGMA per statement.
+            slack = 0 if busy is None else max(50, busy // 10)
+            if busy is not None and (have is None or not busy - slack <= have <= busy):
+                _set_busy_timeout(context._dbapi_connection, busy)  # type: ignore[attr-defined]
+                cell.busy_ms = busy
         return statement
+
+    def _busy_ms(self, timeout: float | None) -> int | None:
+        if self.lock_timeout is None:
+            return None
+        lock = ms(self.lock_timeout)
+        return lock if timeout is None else min(lock, max(1, ms(timeout) // 2))
+
+    def lock_timeout_for(self, timeout: float | None) -> float | None:
+        busy = self._busy_ms(timeout)
+        return None if busy is None else busy / 1000
 
     def on_transaction_end(self, info: dict[Any, Any]) -> None:
         cell = info.get(_CELL_KEY)
         if cell is not None:
             cell.at = None
 
+    def timeout_is_own(self, timeout: float | None) -> bool:
+        # SQLite waits for a lock in its busy handler, which runs no VM instruction and so
+        # never calls the progress handler: an interrupt is always the statement's own work.
+        return True
+
     def classify(self, exc: BaseException) -> str | None:
         if getattr(exc, "sqlite_errorcode", None) == _SQLITE_INTERRUPT or (
             isinstance(exc, sqlite3.OperationalError) and str(exc) == "interrupted"
         ):
             return "statement"
+        code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+        if (code is not None and code & 0xFF == _SQLITE_BUSY) or (
+            code is None
+            and isinstance(exc, sqlite3.OperationalError)
+            and str(exc) == "database is locked"
+        ):
+            return "lock"
         return None
+
+
+def _set_busy_timeout(dbapi_connection: Any, busy_ms: int) -> None:
+    cur = dbapi_connection.cursor()
+    try:
+        cur.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
+        cur.fetchall()
+    finally:
+        cur.close()
