@@ -59,6 +59,7 @@ class SQLiteEnforcer(Enforcer):
 
     def __init__(self, *, lock_timeout: float | None = None) -> None:
         self.lock_timeout = lock_timeout
+        self._lock_ms = None if lock_timeout is None else ms(lock_timeout)
 
     def on_connect(
         self, dbapi_connection: DBAPIConnection, info: dict[Any, Any], default_timeout: float | None
@@ -70,10 +71,9 @@ class SQLiteEnforcer(Enforcer):
         else:  # SQLAlchemy's aiosqlite adapter: run it on aiosqlite's own thread
             await_only(raw._connection.set_progress_handler(cell, _PROGRESS_STEPS))
         info[_CELL_KEY] = cell
-        if self.lock_timeout is not None:
-            busy = ms(self.lock_timeout)
-            _set_busy_timeout(dbapi_connection, busy)
-            cell.busy_ms = busy
+        if self._lock_ms is not None:
+            _set_busy_timeout(dbapi_connection, self._lock_ms)
+            cell.busy_ms = self._lock_ms
 
     def prepare(
         self,
@@ -89,17 +89,20 @@ class SQLiteEnforcer(Enforcer):
             have = cell.busy_ms
             # Inside [busy - slack, busy] the value already set serves: a shrinking deadline
             # would otherwise cost a PRAGMA per statement.
-            slack = 0 if busy is None else max(50, busy // 10)
-            if busy is not None and (have is None or not busy - slack <= have <= busy):
+            if (
+                busy != have
+                and busy is not None
+                and (have is None or not busy - max(50, busy // 10) <= have <= busy)
+            ):
                 _set_busy_timeout(context._dbapi_connection, busy)  # type: ignore[attr-defined]
                 cell.busy_ms = busy
         return statement
 
     def _busy_ms(self, timeout: float | None) -> int | None:
-        if self.lock_timeout is None:
-            return None
-        lock = ms(self.lock_timeout)
-        return lock if timeout is None else min(lock, max(1, ms(timeout) // 2))
+        lock = self._lock_ms
+        if lock is None or timeout is None or timeout * 500 >= lock:  # half the time-out, in ms
+            return lock
+        return max(1, int(timeout * 500))
 
     def lock_timeout_for(self, timeout: float | None) -> float | None:
         busy = self._busy_ms(timeout)
