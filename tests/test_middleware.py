@@ -37,6 +37,7 @@ from poolguard import (
     PoolSaturated,
     QueryQuarantined,
     QueryTimeout,
+    inflight,
     middleware,
 )
 from poolguard.budget import current_scope
@@ -138,7 +139,7 @@ def runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     """Both ways of running a handler: its own asyncio task (on asyncio), and the anyio
     cancel scope used on other event loops (forced here, on asyncio)."""
     if request.param == "cancel_scope":
-        monkeypatch.setattr(middleware, "_on_asyncio", lambda: False)
+        monkeypatch.setattr(middleware, "on_asyncio", lambda: False)
     return str(request.param)
 
 
@@ -619,7 +620,7 @@ async def test_exempt_route_gets_no_scope_and_is_never_shed(
 
 
 def _inflight_full(app: Starlette) -> bool:
-    return any(c.count >= c.limit for c in list(middleware._in_flight.values()))
+    return any(c.count >= c.limit for c in list(inflight._in_flight.values()))
 
 
 # -- the deadline header ------------------------------------------------------------------------
@@ -1372,9 +1373,7 @@ async def test_fastapi_on_each_engine_kind(
 
 
 def test_in_flight_counter_is_thread_safe() -> None:
-    from poolguard.middleware import _InFlight
-
-    counter = _InFlight(1000, 0.5)
+    counter = inflight.InFlight(1000, 0.5)
     admitted = [0] * 8
 
     def worker(i: int) -> None:
@@ -1394,9 +1393,7 @@ def test_in_flight_counter_is_thread_safe() -> None:
 
 
 def test_in_flight_partition_share_applies_only_under_contention() -> None:
-    from poolguard.middleware import _InFlight
-
-    counter = _InFlight(10, 0.5)  # partition cap 5, contention from 5 in flight
+    counter = inflight.InFlight(10, 0.5)  # partition cap 5, contention from 5 in flight
     assert all(counter.enter(1, "rogue") for _ in range(5))
     assert not counter.enter(1, "rogue")  # over its share while half the limit is in use
     assert not counter.enter(2, "rogue")
@@ -1404,6 +1401,6 @@ def test_in_flight_partition_share_applies_only_under_contention() -> None:
     assert all(counter.enter(1, "healthy") for _ in range(4))  # the others still get in
     assert counter.count == 10
     assert not counter.enter(1, "healthy")  # the limit itself
-    lone = _InFlight(10, 0.5)
+    lone = inflight.InFlight(10, 0.5)
     assert lone.enter(1, "a")
     assert lone.by_partition == {"a": 1}

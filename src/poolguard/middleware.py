@@ -20,16 +20,12 @@ endpoints.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
 import re
-import threading
 import time
-import weakref
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,13 +34,22 @@ from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .budget import PRIORITY_RANK, Budget, BudgetScope
+from .disconnect import (
+    MAX_READ_AHEAD,
+    Exchange,
+    Receiver,
+    on_asyncio,
+    run_cancel_once,
+    run_in_cancel_scope,
+)
 from .errors import BudgetExceeded, PoolGuardError, PoolSaturated, QueryQuarantined, Shed
 from .gate import DEFAULT_PARTITION
 from .guard import PoolGuard
+from .inflight import in_flight_for
 from .routing import MAX_DEPTH, Expansions, collect_templates, find_route
 from .shedding import estimate_retry_after
 
-__all__ = ["DEFAULT_DEADLINE", "PoolGuardMiddleware", "RouteRule"]
+__all__ = ["DEFAULT_DEADLINE", "MAX_READ_AHEAD", "PoolGuardMiddleware", "RouteRule"]
 
 log = logging.getLogger("poolguard")
 
@@ -59,11 +64,6 @@ DEFAULT_DEADLINE = 10.0
 #: Smallest deadline an incoming deadline header can ask for: below it ("0": no time left)
 #: the request is answered 504 at once, before the handler runs.
 MIN_HEADER_DEADLINE = 0.001
-
-#: Request body bytes read ahead of the handler. The disconnect watcher has to keep reading
-#: the server's ``receive`` to see ``http.disconnect``; beyond this it waits for the handler
-#: to consume the body, so an upload is never buffered whole in memory.
-MAX_READ_AHEAD = 64 * 1024
 
 #: Seconds past the deadline that an abandoned request waits for its connections to come back
 #: (a statement stopped by its time-out still needs its rollback).
@@ -131,79 +131,6 @@ class _Plan:
     max_queries: int | None
     max_db_time: float | None
     max_connections: int | None
-
-
-class _InFlight:
-    """Requests admitted and not finished, for one guard, with a ceiling per priority and a
-    share per partition.
-
-    The ceilings are ``limit // 2`` for sheddable work, ``limit`` for normal work and
-    ``limit + limit // 2`` for critical work: with the default limit of twice the pool's
-    capacity, sheddable work stops once the pool could be full, normal work once a whole
-    pool's worth is queued behind it, and critical work keeps half a limit of headroom (the
-    gate also serves it first and keeps it a reserve).
-
-    A partition (route) may hold at most ``share`` of the limit once half of it is in use:
-    a rogue route's slow requests pile up in flight (25 requests/s of 0.8 s each keep 20 in
-    flight) and would otherwise take every place, refusing healthy routes at the door. Below
-    half the limit there is no contention and any route may use what is free.
-    """
-
-    __slots__ = ("_lock", "by_partition", "ceilings", "count", "limit", "partition_cap")
-
-    def __init__(self, limit: int, share: float) -> None:
-        self.limit = limit
-        ceilings = [0, 0, 0]
-        ceilings[PRIORITY_RANK["critical"]] = limit + limit // 2
-        ceilings[PRIORITY_RANK["normal"]] = limit
-        ceilings[PRIORITY_RANK["sheddable"]] = max(1, limit // 2)
-        self.ceilings = tuple(ceilings)
-        self.partition_cap = max(1, math.floor(limit * share))
-        self.count = 0
-        self.by_partition: dict[str, int] = {}
-        # One guard may serve several event loops (servers in threads): a lock held for an
-        # increment costs ~0.1 us uncontended.
-        self._lock = threading.Lock()
-
-    def enter(self, rank: int, partition: str) -> bool:
-        with self._lock:
-            count = self.count
-            if count >= self.ceilings[rank]:
-                return False
-            mine = self.by_partition.get(partition, 0)
-            if mine >= self.partition_cap and count >= self.limit // 2 and rank:
-                return False
-            self.count = count + 1
-            self.by_partition[partition] = mine + 1
-            return True
-
-    def leave(self, partition: str) -> None:
-        with self._lock:
-            self.count -= 1
-            n = self.by_partition[partition] - 1
-            if n:
-                self.by_partition[partition] = n
-            else:
-                del self.by_partition[partition]
-
-
-_in_flight: weakref.WeakKeyDictionary[PoolGuard, _InFlight] = weakref.WeakKeyDictionary()
-_in_flight_lock = threading.Lock()
-
-
-def _in_flight_for(guard: PoolGuard, limit: int) -> _InFlight:
-    """The guard's shared in-flight counter: two apps on one guard share one limit."""
-    with _in_flight_lock:
-        counter = _in_flight.get(guard)
-        if counter is None:
-            share = guard.gate.partition_cap / guard.gate.capacity
-            counter = _in_flight[guard] = _InFlight(limit, share)
-        elif counter.limit != limit:
-            raise ValueError(
-                f"max_inflight={limit} conflicts with another PoolGuardMiddleware on the same "
-                f"guard, which uses {counter.limit}: one guard has one in-flight limit"
-            )
-        return counter
 
 
 class PoolGuardMiddleware:
@@ -275,7 +202,7 @@ class PoolGuardMiddleware:
         self._plans: dict[tuple[str, str | None], _Plan] = {}
         self._expanded: Expansions = {}
         self._unmatched = _plan(self._default, DEFAULT_PARTITION)
-        self._in_flight = _in_flight_for(guard, max_inflight)
+        self._in_flight = in_flight_for(guard, max_inflight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -343,7 +270,7 @@ class PoolGuardMiddleware:
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, budget: BudgetScope) -> None:
         """Run the app inside the budget, watching for the client going away."""
-        exchange = _Exchange()
+        exchange = Exchange()
         server_timing = self.server_timing
 
         async def guarded_send(message: Message) -> None:
@@ -357,12 +284,12 @@ class PoolGuardMiddleware:
                 exchange.complete = True
             await send(message)
 
-        receiver = _Receiver(receive)
+        receiver = Receiver(receive)
         app = self.app(scope, receiver.receive, guarded_send)
-        if _on_asyncio():
-            error = await _run_cancel_once(app, receiver, exchange)
+        if on_asyncio():
+            error = await run_cancel_once(app, receiver, exchange)
         else:
-            error = await _run_in_cancel_scope(app, receiver, exchange)
+            error = await run_in_cancel_scope(app, receiver, exchange)
 
         if exchange.abandoned:
             # The client is gone: nobody to answer. Cancelling may surface as an error from
@@ -463,171 +390,6 @@ class PoolGuardMiddleware:
                 f"{', '.join(unknown)}. Known templates: {listing or 'none'}"
             )
         self._rules_checked = True
-
-
-@dataclass
-class _Exchange:
-    """What has happened to one response so far."""
-
-    started: bool = False
-    complete: bool = False
-    abandoned: bool = False
-
-
-class _Receiver:
-    """Reads the server's ``receive`` in a watcher task and feeds the app from a buffer.
-
-    The watcher has to keep reading to notice ``http.disconnect`` while the handler is busy
-    elsewhere; buffering what it reads means the handler still gets every body chunk, in
-    order. Read-ahead stops at :data:`MAX_READ_AHEAD` bytes until the handler catches up.
-    """
-
-    __slots__ = (
-        "_arrived",
-        "_buffer",
-        "_buffered",
-        "_direct",
-        "_drained",
-        "_error",
-        "_receive",
-        "disconnected",
-    )
-
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
-        self._buffer: deque[Message] = deque()
-        self._buffered = 0
-        self._arrived: anyio.Event | None = None
-        self._drained: anyio.Event | None = None
-        self._error: Exception | None = None
-        self._direct = False
-        self.disconnected = False
-
-    async def pump(self) -> None:
-        """Read until the client disconnects (or the server's receive fails).
-
-        Once the body is complete a server has nothing more to say but ``http.disconnect``,
-        and its ``receive`` blocks until then. One that answers at once with anything else
-        cannot be watched (reading it would spin): the watcher stops and the handler reads
-        the server directly from then on.
-        """
-        body_done = False
-        try:
-            while not self.disconnected:
-                while self._buffered >= MAX_READ_AHEAD:
-                    self._drained = anyio.Event()
-                    await self._drained.wait()
-                message = await self._receive()
-                kind = message["type"]
-                if kind == "http.disconnect":
-                    self.disconnected = True
-                elif body_done:
-                    self._buffer.append(message)
-                    self._direct = True
-                    return
-                else:
-                    if kind == "http.request":
-                        self._buffered += len(message.get("body", b""))
-                        body_done = not message.get("more_body", False)
-                    self._buffer.append(message)
-                self._wake()
-        except Exception as exc:  # a broken server: the handler sees it at its next receive
-            self._error = exc
-        finally:
-            self._wake()
-
-    def _wake(self) -> None:
-        if self._arrived is not None:
-            self._arrived.set()
-            self._arrived = None
-
-    async def receive(self) -> Message:
-        while not self._buffer:
-            if self.disconnected:
-                return {"type": "http.disconnect"}
-            if self._direct:
-                return await self._receive()
-            if self._error is not None:
-                raise self._error
-            if self._arrived is None:
-                self._arrived = anyio.Event()
-            await self._arrived.wait()
-        message = self._buffer.popleft()
-        if message["type"] == "http.request":
-            self._buffered -= len(message.get("body", b""))
-            if self._drained is not None and self._buffered < MAX_READ_AHEAD:
-                self._drained.set()
-                self._drained = None
-        return message
-
-
-# -- running the handler ----------------------------------------------------------------------
-# Why two ways: asyncpg, cancelled, sends the server a CancelRequest from a task of its own,
-# and SQLAlchemy then returns or closes the connection, which needs a few awaits. asyncio
-# cancels once, so those awaits run and the server stops the statement. An anyio cancel scope
-# cancels again at every await until the scope exits: SQLAlchemy falls back to terminating the
-# connection, which kills asyncpg's pending CancelRequest, and the statement keeps running on
-# the server (measured: pg_sleep(3) still active 1.6 s after the cancel). So on asyncio the
-# handler gets a task of its own and a single cancel; elsewhere (trio) a cancel scope.
-def _on_asyncio() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
-async def _watch(receiver: _Receiver, exchange: _Exchange, cancel: Callable[[], object]) -> None:
-    await receiver.pump()
-    # After the response is complete servers report http.disconnect at once (uvicorn does):
-    # background tasks that run then must not be cancelled.
-    if receiver.disconnected and not exchange.complete:
-        exchange.abandoned = True
-        cancel()
-
-
-async def _run_cancel_once(
-    app: Awaitable[None], receiver: _Receiver, exchange: _Exchange
-) -> Exception | None:
-    """Run ``app`` in its own task (it inherits the budget scope); return what it raised."""
-    task = asyncio.ensure_future(app)
-    watcher = asyncio.ensure_future(_watch(receiver, exchange, task.cancel))
-    try:
-        await asyncio.wait((task,))
-    except BaseException:
-        # Cancelled from outside (server shutdown, an enclosing time-out): the handler
-        # winds down first, so the budget scope and the in-flight slot outlive it.
-        task.cancel()
-        await asyncio.wait((task,))
-        raise
-    finally:
-        watcher.cancel()
-    if task.cancelled():
-        if exchange.abandoned:
-            return None
-        raise asyncio.CancelledError  # the handler cancelled itself: not an answer
-    exc = task.exception()
-    if exc is None or isinstance(exc, Exception):
-        return exc
-    raise exc  # KeyboardInterrupt, SystemExit: never answered with a 503
-
-
-async def _run_in_cancel_scope(
-    app: Awaitable[None], receiver: _Receiver, exchange: _Exchange
-) -> Exception | None:
-    """As :func:`_run_cancel_once`, for event loops other than asyncio (trio)."""
-    error: Exception | None = None
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch, receiver, exchange, tg.cancel_scope.cancel)
-        try:
-            await app
-        except Exception as exc:
-            # Kept, not raised here: raised inside the task group it would come out wrapped
-            # in an ExceptionGroup.
-            error = exc
-        finally:
-            tg.cancel_scope.cancel()
-    return error
 
 
 async def _until_connections_returned(budget: BudgetScope) -> None:
