@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -275,12 +276,15 @@ def test_hold_timeout_reports_a_leak_once(
     guard = make_guard(engine, hold_timeout=0.2, on_alert=alerts.append)
     caplog.set_level(logging.WARNING, logger="poolguard")
     assert alerts == []
+    line = sys._getframe().f_lineno + 1
     with engine.connect() as c:
         c.execute(sa.text("select 1"))
         time.sleep(1.0)
     leaks = [r for r in caplog.records if "hold_timeout" in r.getMessage()]
     assert len(leaks) == 1
-    assert "test_guard_sqlite.py" in leaks[0].getMessage()  # names where it was checked out
+    # It names where the connection was checked out: file, line and function.
+    where = f"test_guard_sqlite.py:{line} in test_hold_timeout_reports_a_leak_once"
+    assert where in leaks[0].getMessage()
     assert guard.stats()["leaks_reported"] == 1
     assert [a.kind for a in alerts] == ["leak"]
 

@@ -24,6 +24,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import CodeType, FrameType
 from typing import Any, Literal
 
 from opentelemetry.metrics import MeterProvider
@@ -86,20 +87,47 @@ class _Hold:
     ticket: Ticket
     scope: BudgetScope | None
     since: float
-    where: str
+    origin: tuple[CodeType, int] | None
     fp: Fingerprint | None = None
     reported: bool = False
 
+    @property
+    def where(self) -> str:
+        """Where the checkout began, formatted only when a report needs it."""
+        if self.origin is None:
+            return "<unknown>"
+        code, line = self.origin
+        return f"{code.co_filename}:{line} in {code.co_name}"
 
-def _caller() -> str:
-    """The first frame outside the database and framework layers: where a checkout began."""
-    f = sys._getframe(2)
+
+#: Per code object, whether it belongs to the layers ``_caller`` skips: a web request's
+#: checkout sits under tens of framework frames, and a dict lookup per frame is cheaper than
+#: reading the module name and matching prefixes. Keyed by id (hashing a code object hashes
+#: its bytecode); the entry keeps its code object alive, so the id cannot be reused while it
+#: is cached. Cleared when full (code made at run time could otherwise grow it).
+_skip_cache: dict[int, tuple[CodeType, bool]] = {}
+_SKIP_CACHE_MAX = 4096
+
+
+def _caller() -> tuple[CodeType, int] | None:
+    """The first frame outside the database and framework layers: where a checkout began.
+    Kept as code object and line (no locals, unlike a frame); formatted on demand."""
+    f: FrameType | None = sys._getframe(2)
+    cache = _skip_cache
     while f is not None:
-        mod = f.f_globals.get("__name__", "")
-        if not mod.startswith(_SKIP_MODULES):
-            return f"{f.f_code.co_filename}:{f.f_lineno} in {f.f_code.co_name}"
-        f = f.f_back  # type: ignore[assignment]
-    return "<unknown>"
+        code = f.f_code
+        entry = cache.get(id(code))
+        if entry is not None and entry[0] is code:
+            skip = entry[1]
+        else:
+            if len(cache) >= _SKIP_CACHE_MAX:
+                cache.clear()
+            skip = f.f_globals.get("__name__", "").startswith(_SKIP_MODULES)
+            cache[id(code)] = (code, skip)
+        if not skip:
+            return code, f.f_lineno
+        f = f.f_back
+    return None
 
 
 class PoolGuard:
