@@ -31,7 +31,10 @@ MakeGuard = Callable[..., Any]
 @contextmanager
 def serving(app: Any) -> Iterator[str]:
     """Run ``app`` on uvicorn in a thread; yield its base URL; stop it, bounded."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the
+    # listening socket says so, and without it every response stalls ~40 ms (Nagle and
+    # delayed ACKs), which any latency measured here would mistake for the server's.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
