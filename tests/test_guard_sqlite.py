@@ -50,6 +50,7 @@ def file_engine(url: str, **kw: Any) -> sa.Engine:
         ({"trace_statements": "some"}, "trace_statements"),
         ({"pg_timeout_mode": "bouncer"}, "pg_timeout_mode"),
         ({"lock_timeout": 0}, "lock_timeout"),
+        ({"blame_lock_holders": "yes"}, "blame_lock_holders"),
     ],
 )
 def test_wrong_option_fails_at_construction_naming_it(kwargs: dict, name: str) -> None:
@@ -529,3 +530,10 @@ async def test_aiosqlite_lock_wait_is_bounded(make_guard: MakeGuard, sqlite_file
         assert guard.quarantined() == []
     finally:
         await engine.dispose()
+
+
+def test_blame_is_off_where_the_server_cannot_name_a_blocker(make_guard: MakeGuard) -> None:
+    """SQLite has no pg_blocking_pids: the option is accepted and does nothing."""
+    guard = make_guard(sa.create_engine("sqlite://"), blame_lock_holders=True)
+    assert guard.blame_lock_holders is False
+    assert guard.stats()["lock_holders_blamed"] == 0

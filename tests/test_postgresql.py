@@ -352,6 +352,7 @@ def test_lock_holder_is_quarantined_and_its_victims_are_not(
         c.execute(sa.text("insert into pg_lock_t values (1, 0)"))
     guard = make_guard(engine, statement_timeout=1.0, quarantine_threshold=3)
     assert guard.lock_timeout == pytest.approx(0.5)
+    assert guard.blame_lock_holders  # but one victim at a time: nobody left waiting to ask about
     warm = [engine.connect() for _ in range(3)]  # victims start waiting at once, no connect
     for w in warm:
         w.close()
@@ -448,3 +449,146 @@ def test_lock_victim_under_a_nearly_spent_deadline_fails_as_a_lock_wait(
     finally:
         with engine.begin() as c:
             c.execute(sa.text("drop table pg_lock_v"))
+
+
+def _queued_victims(
+    engine: sa.Engine, table: str, n: int, gap: float, errors: list[BaseException]
+) -> threading.Thread:
+    """Writers of the locked row, started in the background ``gap`` apart (the first after
+    ``gap``) so that some still wait whenever an earlier one's lock wait ends: the server can
+    only name the blocker of a session that is waiting. Join the returned thread, then all
+    writers are done."""
+
+    def victim() -> None:
+        try:
+            with engine.begin() as c:
+                c.execute(sa.text(f"update {table} set n = n + 100 where id = 1"))
+        except BaseException as e:
+            errors.append(e)
+
+    def queue() -> None:
+        threads = []
+        for _ in range(n):
+            time.sleep(gap)
+            t = threading.Thread(target=victim)
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join(10)
+
+    starter = threading.Thread(target=queue)
+    starter.start()
+    return starter
+
+
+@pytest.mark.parametrize("driver", SYNC_DRIVERS)
+def test_lock_holder_is_blamed_by_its_queued_victims(
+    make_guard: MakeGuard, pg_url: str, driver: str
+) -> None:
+    """Writers queue behind a transaction that holds their row and runs a long statement;
+    each lock wait that ends while others still wait names the blocker, and its running
+    statement takes the strike: quarantined within its first run, before its own time-out."""
+    engine = sa.create_engine(sync_url(pg_url, driver), pool_size=8, max_overflow=0)
+    with engine.begin() as c:
+        c.execute(sa.text("drop table if exists pg_blame_t"))
+        c.execute(sa.text("create table pg_blame_t (id int primary key, n int)"))
+        c.execute(sa.text("insert into pg_blame_t values (1, 0)"))
+    guard = make_guard(engine, statement_timeout=3.0, quarantine_threshold=3, partition_share=1.0)
+    assert guard.lock_timeout == pytest.approx(1.5)
+    errors: list[BaseException] = []
+    try:
+        with engine.begin() as rogue:
+            rogue.execute(sa.text("update pg_blame_t set n = 1 where id = 1"))
+            # PostgreSQL's lock_timeout counts each lock a statement waits for: the first
+            # writer waits for the rogue's transaction, the next ones first for the row's
+            # tuple lock that it holds, then anew. So some writers fail while others wait,
+            # and some outlive the rogue.
+            starter = _queued_victims(engine, "pg_blame_t", 6, 0.25, errors)
+            with pytest.raises(QueryTimeout) as ei:
+                rogue.execute(sa.text("select pg_sleep(5)"))
+        starter.join(15)
+        assert len(errors) >= 3, errors
+        assert all(isinstance(e, QueryTimeout) and e.cause == "lock" for e in errors), errors
+        assert guard.stats()["lock_holders_blamed"] >= 3
+        quarantined = guard.quarantined()
+        assert [q["fingerprint"] for q in quarantined] == [ei.value.fingerprint]
+        with pytest.raises(QueryQuarantined), engine.begin() as rogue:
+            rogue.execute(sa.text("update pg_blame_t set n = 2 where id = 1"))
+            rogue.execute(sa.text("select pg_sleep(5)"))
+        with engine.begin() as c:  # refused at once, its transaction rolled back: writers pass
+            c.execute(sa.text("update pg_blame_t set n = n + 1 where id = 1"))
+            # Writers that outlived the rogue added 100 each; neither rogue's write stayed.
+            assert c.execute(sa.text("select n from pg_blame_t")).scalar() % 100 == 1
+    finally:
+        with engine.begin() as c:
+            c.execute(sa.text("drop table pg_blame_t"))
+
+
+def test_blame_can_be_turned_off(make_guard: MakeGuard, pg_url: str) -> None:
+    engine = sa.create_engine(pg_url, pool_size=8, max_overflow=0)
+    with engine.begin() as c:
+        c.execute(sa.text("drop table if exists pg_blame_off"))
+        c.execute(sa.text("create table pg_blame_off (id int primary key, n int)"))
+        c.execute(sa.text("insert into pg_blame_off values (1, 0)"))
+    guard = make_guard(
+        engine,
+        statement_timeout=3.0,
+        quarantine_threshold=3,
+        partition_share=1.0,
+        blame_lock_holders=False,
+    )
+    errors: list[BaseException] = []
+    try:
+        with engine.begin() as rogue:
+            rogue.execute(sa.text("update pg_blame_off set n = 1 where id = 1"))
+            starter = _queued_victims(engine, "pg_blame_off", 6, 0.25, errors)
+            with pytest.raises(QueryTimeout):
+                rogue.execute(sa.text("select pg_sleep(5)"))
+        starter.join(15)
+        assert len(errors) >= 3
+        assert guard.stats()["lock_holders_blamed"] == 0
+        assert guard.quarantined() == []  # one own time-out of three
+    finally:
+        with engine.begin() as c:
+            c.execute(sa.text("drop table pg_blame_off"))
+
+
+async def test_asyncpg_lock_holder_is_blamed(make_guard: MakeGuard, pg_async_url: str) -> None:
+    """The same on asyncpg: the blame's own connection is opened on the event loop."""
+    engine = create_async_engine(pg_async_url, pool_size=8, max_overflow=0)
+    guard = make_guard(engine, statement_timeout=3.0, quarantine_threshold=3, partition_share=1.0)
+    errors: list[BaseException] = []
+
+    async def victim() -> None:
+        try:
+            async with engine.begin() as c:
+                await c.execute(sa.text("update pg_blame_a set n = n + 100 where id = 1"))
+        except BaseException as e:
+            errors.append(e)
+
+    try:
+        async with engine.begin() as c:
+            await c.execute(sa.text("drop table if exists pg_blame_a"))
+            await c.execute(sa.text("create table pg_blame_a (id int primary key, n int)"))
+            await c.execute(sa.text("insert into pg_blame_a values (1, 0)"))
+        async with engine.begin() as rogue:
+            await rogue.execute(sa.text("update pg_blame_a set n = 1 where id = 1"))
+
+            async def queue() -> None:
+                for _ in range(6):
+                    await asyncio.sleep(0.25)
+                    tasks.append(asyncio.create_task(victim()))
+
+            tasks: list[asyncio.Task[None]] = []
+            starter = asyncio.create_task(queue())
+            with pytest.raises(QueryTimeout) as ei:
+                await rogue.execute(sa.text("select pg_sleep(5)"))
+            await starter
+        await asyncio.gather(*tasks)
+        assert len(errors) >= 3 and all(getattr(e, "cause", None) == "lock" for e in errors)
+        assert guard.stats()["lock_holders_blamed"] >= 3
+        assert [q["fingerprint"] for q in guard.quarantined()] == [ei.value.fingerprint]
+        async with engine.begin() as c:
+            await c.execute(sa.text("drop table pg_blame_a"))
+    finally:
+        await engine.dispose()

@@ -39,6 +39,7 @@ from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
 
 from .alerts import Alert, Alerter, SaturationDetector, StormDetector
+from .blame import Blocker, LockBlame, Victim
 from .budget import PRIORITY_RANK, Budget, BudgetScope, _check_seconds, scope_context
 from .budget import _current as _scope_var
 from .budget import current_scope as _current_scope
@@ -61,6 +62,8 @@ _guards_lock = threading.Lock()
 #: Capacity assumed for pools that do not bound themselves (NullPool, StaticPool...).
 _UNBOUNDED_POOL_CAPACITY = 10
 _READY = "poolguard.ready"
+#: The server session id of a pooled connection, in its record's info (PostgreSQL).
+_PID_KEY = "poolguard.backend_pid"
 #: Partitions with a shedder of their own; further ones share the default partition's.
 _MAX_SHEDDERS = 1000
 #: Stands in for the budget scope while the pool creates a connection: statements run then
@@ -90,6 +93,9 @@ class _Hold:
     origin: tuple[CodeType, int] | None
     fp: Fingerprint | None = None
     reported: bool = False
+    #: The statement executing on the connection right now, and since when (monotonic).
+    running: Fingerprint | None = None
+    running_since: float = 0.0
 
     @property
     def where(self) -> str:
@@ -150,6 +156,7 @@ class PoolGuard:
         checkout_timeout: float = 1.0,
         hold_timeout: float = 30.0,
         reclaim_leaked: bool = False,
+        blame_lock_holders: bool = True,
         capacity: int | None = None,
         critical_reserve: int | None = None,
         partition_share: float = 0.5,
@@ -226,6 +233,10 @@ class PoolGuard:
         if not isinstance(reclaim_leaked, bool):
             raise TypeError(f"reclaim_leaked must be a bool, got {type(reclaim_leaked).__name__}")
         self.reclaim_leaked = reclaim_leaked
+        if not isinstance(blame_lock_holders, bool):
+            raise TypeError(
+                f"blame_lock_holders must be a bool, got {type(blame_lock_holders).__name__}"
+            )
         self.engine = engine
         self.sync_engine = sync_engine
         self._is_async = sync_engine.dialect.is_async
@@ -241,6 +252,9 @@ class PoolGuard:
             idle_in_transaction_timeout=idle_in_transaction_timeout,
         )
         self._baseline = self.enforcer.session_baseline
+        #: Only where the server can say who blocks whom (PostgreSQL).
+        self.blame_lock_holders = blame_lock_holders and self.enforcer.can_blame
+        self._blame = LockBlame()
         with _option_prefix("quarantine_"):
             self.quarantine = Quarantine(
                 threshold=quarantine_threshold,
@@ -400,6 +414,7 @@ class PoolGuard:
             },
             "shedding": {"levels": {p: sh.level(now) for p, sh in list(self._shedders.items())}},
             "leaks_reported": self._leaks_reported,
+            "lock_holders_blamed": self._blame.blamed,
             "quarantine": [_entry_dict(e) for e in self.quarantine.entries(now)],
             "statements": self._stats.snapshot(),
         }
@@ -563,6 +578,8 @@ class PoolGuard:
             fairy.invalidate()
             fairy.close()
             raise
+        if self.blame_lock_holders:
+            info[_PID_KEY] = self.enforcer.backend_pid(fairy.dbapi_connection)
         info[_READY] = self._token
         if info.pop("poolguard.created_at", None) is not None:
             self.telemetry.connection_created(time.monotonic() - now)
@@ -698,6 +715,10 @@ class PoolGuard:
                     q.record_error(fp.id, now)
                 raise
         dialect = context.dialect
+        hold = self._held.get(context._dbapi_connection._connection_record)  # type: ignore[attr-defined]
+        if hold is not None:
+            hold.running = fp
+            hold.running_since = now
         t0 = time.time_ns()
         try:
             if how == 0:
@@ -707,6 +728,8 @@ class PoolGuard:
             else:
                 dialect.do_execute_no_params(cursor, statement, context)
         except BaseException as err:
+            if hold is not None:
+                hold.running = None
             self._statement_failed(err, fp, timeout, t0, scope, context)
             raise
         t1 = time.time_ns()
@@ -718,8 +741,8 @@ class PoolGuard:
             t = q.record_success(fp.id, now)
             if t is not None:
                 self._on_transition(t)
-        hold = self._held.get(context._dbapi_connection._connection_record)  # type: ignore[attr-defined]
         if hold is not None:
+            hold.running = None
             hold.fp = fp
         self.telemetry.statement(
             fp, t0, t1, partition=scope.partition if scope else None, timeout=timeout, error=None
@@ -765,9 +788,46 @@ class PoolGuard:
                     self._on_transition(t)
             elif self.quarantine.active:
                 self.quarantine.record_error(fp.id, now)
+            if cause == "lock" and self.blame_lock_holders:
+                self._blame_lock_holders(waited_since=now - elapsed)
         elif self.quarantine.active:
             self.quarantine.record_error(fp.id, now)
         self.telemetry.statement(fp, t0, t1, partition=partition, timeout=timeout, error=err)
+
+    def _blame_lock_holders(self, waited_since: float) -> None:
+        """A victim's lock wait ended: strike the statement of ours that kept it waiting.
+        Best effort: a failure to ask the server costs the victim nothing more."""
+        running = []
+        for record, hold in list(self._held.items()):
+            fp = hold.running
+            pid = record.info.get(_PID_KEY)
+            if fp is not None and pid is not None:
+                running.append(Blocker(pid, fp.id, fp.summary, hold.running_since))
+        if not running:
+            return  # none of ours is running a statement: nothing to ask the server
+        now = time.monotonic()
+        try:
+            blamed = self._blame.judge(
+                Victim(waited_since, now, tuple(running)), now, self._ask_blocking_pids
+            )
+        except Exception as e:
+            log.debug("poolguard: could not ask which sessions block others: %s", type(e).__name__)
+            return
+        for culprit in blamed:
+            self._blame.blamed += 1
+            t = self.quarantine.record_timeout(culprit.fingerprint, culprit.summary, now)
+            if t is not None:
+                self._on_transition(t)
+
+    def _ask_blocking_pids(self) -> list[int]:
+        # A connection of its own, outside the pool and the gate: the victim's transaction
+        # is aborted and belongs to the application. The pool's creator runs the engine's
+        # do_connect hooks (credentials providers) as for any connection.
+        raw = self.sync_engine.pool._invoke_creator(None)  # type: ignore[arg-type]
+        try:
+            return self.enforcer.blocking_pids(raw)
+        finally:
+            raw.close()
 
     def _on_handle_error(self, ctx: Any) -> BaseException | None:
         info = getattr(ctx.execution_context, "_poolguard_timeout", None)

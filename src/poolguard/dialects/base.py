@@ -54,6 +54,18 @@ class Enforcer:
         """
         return None
 
+    #: True when the server can say who blocks a lock waiter (see poolguard.blame).
+    can_blame = False
+
+    def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
+        """The server session's id as the driver knows it (no round trip), or None."""
+        return None
+
+    def blocking_pids(self, dbapi_connection: DBAPIConnection) -> list[int]:
+        """The sessions that block others waiting for a lock right now (one round trip on a
+        connection of poolguard's own)."""
+        return []
+
     def lock_timeout_for(self, timeout: float | None) -> float | None:
         """The longest a statement with this time-out waits for a lock before the server
         reports it as a lock wait (``"lock"``); None when the server's setting applies."""

@@ -28,6 +28,15 @@ from .base import Enforcer, ms
 _QUERY_CANCELED = "57014"
 _LOCK_NOT_AVAILABLE = "55P03"
 _LOCAL_KEY = "poolguard.pg_local"
+# Sessions of this database that block another one waiting for a lock and are not waiting
+# themselves: pg_blocking_pids also names the waiters ahead in the queue, which are victims
+# too. pg_blocking_pids takes the lock manager's locks briefly: poolguard asks rarely (see
+# poolguard.blame).
+_BLOCKERS = (
+    "SELECT DISTINCT b.pid FROM pg_stat_activity w, unnest(pg_blocking_pids(w.pid)) AS b(pid) "
+    "WHERE w.wait_event_type = 'Lock' AND w.datname = current_database() "
+    "AND b.pid NOT IN (SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock')"
+)
 
 
 class PostgreSQLEnforcer(Enforcer):
@@ -115,6 +124,27 @@ class PostgreSQLEnforcer(Enforcer):
         run_settings(dbapi_connection, settings, local=True)
         info[_LOCAL_KEY] = (txn, want)
         return statement
+
+    can_blame = True
+
+    def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
+        raw: Any = dbapi_connection
+        info = getattr(raw, "info", None)  # psycopg 3
+        pid = getattr(info, "backend_pid", None)
+        if pid is None and hasattr(raw, "get_backend_pid"):  # psycopg2
+            pid = raw.get_backend_pid()
+        inner: Any = getattr(raw, "_connection", None)  # SQLAlchemy's asyncpg adapter
+        if pid is None and hasattr(inner, "get_server_pid"):
+            pid = inner.get_server_pid()
+        return pid if isinstance(pid, int) else None
+
+    def blocking_pids(self, dbapi_connection: DBAPIConnection) -> list[int]:
+        cur = dbapi_connection.cursor()
+        try:
+            cur.execute(_BLOCKERS)
+            return [int(row[0]) for row in cur.fetchall()]
+        finally:
+            cur.close()
 
     def classify(self, exc: BaseException) -> str | None:
         code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
