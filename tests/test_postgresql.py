@@ -592,3 +592,84 @@ async def test_asyncpg_lock_holder_is_blamed(make_guard: MakeGuard, pg_async_url
             await c.execute(sa.text("drop table pg_blame_a"))
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("cancel", "driver"), [(True, "psycopg"), (True, "psycopg2"), (False, "psycopg")]
+)
+def test_quarantine_cancels_the_statement_s_running_executions(
+    make_guard: MakeGuard, pg_url: str, cancel: bool, driver: str
+) -> None:
+    """Once a statement is quarantined, its executions still running hold connections (and
+    maybe locks) until their own time-out: poolguard cancels them at once."""
+    engine = sa.create_engine(sync_url(pg_url, driver), pool_size=4, max_overflow=0)
+    guard = make_guard(
+        engine,
+        statement_timeout=3.0,
+        quarantine_threshold=1,
+        partition_share=1.0,
+        cancel_quarantined=cancel,
+    )
+    slow = sa.text("select pg_sleep(:s)")
+    outcome: list[BaseException] = []
+    started = threading.Event()
+
+    def long_run() -> None:
+        try:
+            with engine.connect() as c:
+                started.set()
+                c.execute(slow, {"s": 10})
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=long_run)
+    t.start()
+    started.wait(5)
+    time.sleep(0.2)  # it is running
+    t0 = time.monotonic()
+    with pytest.raises(QueryTimeout), guard.budget(statement_timeout=0.3), engine.connect() as c:
+        c.execute(slow, {"s": 10})  # its time-out quarantines the statement
+    t.join(10)
+    stopped_after = time.monotonic() - t0
+    [err] = outcome
+    assert isinstance(err, QueryTimeout)
+    if cancel:
+        assert err.cause == "quarantined"
+        assert "quarantined" in str(err)
+        assert stopped_after < 2.0  # not its own 3 s time-out
+        assert guard.stats()["quarantined_cancelled"] == 1
+    else:
+        assert err.cause == "statement"
+        assert stopped_after >= 2.0
+        assert guard.stats()["quarantined_cancelled"] == 0
+    assert len(guard.quarantined()) == 1
+    with engine.connect() as c:  # every connection came back healthy
+        assert c.execute(sa.text("select 1")).scalar() == 1
+
+
+async def test_asyncpg_quarantine_cancels_running_executions(
+    make_guard: MakeGuard, pg_async_url: str
+) -> None:
+    engine = create_async_engine(pg_async_url, pool_size=4, max_overflow=0)
+    guard = make_guard(engine, statement_timeout=3.0, quarantine_threshold=1, partition_share=1.0)
+    slow = sa.text("select pg_sleep(:s)")
+
+    async def long_run() -> None:
+        async with engine.connect() as c:
+            await c.execute(slow, {"s": 10})
+
+    try:
+        task = asyncio.create_task(long_run())
+        await asyncio.sleep(0.3)
+        t0 = time.monotonic()
+        with pytest.raises(QueryTimeout):
+            async with guard.budget(statement_timeout=0.3), engine.connect() as c:
+                await c.execute(slow, {"s": 10})
+        with pytest.raises(QueryTimeout) as ei:
+            await task
+        assert ei.value.cause == "quarantined"
+        assert time.monotonic() - t0 < 2.0
+        async with engine.connect() as c:
+            assert (await c.execute(sa.text("select 1"))).scalar() == 1
+    finally:
+        await engine.dispose()

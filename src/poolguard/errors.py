@@ -83,10 +83,16 @@ class QueryTimeout(PoolGuardError, sa_exc.OperationalError):
         self.timeout = timeout
         self.elapsed = elapsed
         self.partition = partition
-        #: "statement" (it ran too long) or "lock" (it waited too long for another's lock).
+        #: "statement" (it ran too long), "lock" (it waited too long for another's lock) or
+        #: "quarantined" (poolguard cancelled it: its statement was quarantined while it ran).
         self.cause = cause
 
     def problem_detail(self) -> str:
+        if self.cause == "quarantined":
+            return (
+                f"statement {self.summary} ({self.fingerprint}) was cancelled: it was "
+                "quarantined while it ran"
+            )
         what = "lock wait" if self.cause == "lock" else "timeout"
         return (
             f"statement {self.summary} ({self.fingerprint}) exceeded its "
@@ -94,9 +100,10 @@ class QueryTimeout(PoolGuardError, sa_exc.OperationalError):
         )
 
     def __str__(self) -> str:
-        return (
-            f"QueryTimeout: {self.summary} [{self.fingerprint}] ran {self.elapsed:.3f} s, "
-            + ("lock wait limit" if self.cause == "lock" else "timeout")
+        return f"QueryTimeout: {self.summary} [{self.fingerprint}] ran {self.elapsed:.3f} s, " + (
+            "cancelled: quarantined while it ran"
+            if self.cause == "quarantined"
+            else ("lock wait limit" if self.cause == "lock" else "timeout")
             + f" {self.timeout:.3f} s"
         )
 

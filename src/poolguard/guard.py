@@ -25,7 +25,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import CodeType, FrameType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -64,6 +64,7 @@ _UNBOUNDED_POOL_CAPACITY = 10
 _READY = "poolguard.ready"
 #: The server session id of a pooled connection, in its record's info (PostgreSQL).
 _PID_KEY = "poolguard.backend_pid"
+_T = TypeVar("_T")
 #: Partitions with a shedder of their own; further ones share the default partition's.
 _MAX_SHEDDERS = 1000
 #: Stands in for the budget scope while the pool creates a connection: statements run then
@@ -96,6 +97,8 @@ class _Hold:
     #: The statement executing on the connection right now, and since when (monotonic).
     running: Fingerprint | None = None
     running_since: float = 0.0
+    #: A cancel was sent for the running statement (its fingerprint was quarantined).
+    cancelled: bool = False
 
     @property
     def where(self) -> str:
@@ -157,6 +160,7 @@ class PoolGuard:
         hold_timeout: float = 30.0,
         reclaim_leaked: bool = False,
         blame_lock_holders: bool = True,
+        cancel_quarantined: bool = True,
         capacity: int | None = None,
         critical_reserve: int | None = None,
         partition_share: float = 0.5,
@@ -233,10 +237,12 @@ class PoolGuard:
         if not isinstance(reclaim_leaked, bool):
             raise TypeError(f"reclaim_leaked must be a bool, got {type(reclaim_leaked).__name__}")
         self.reclaim_leaked = reclaim_leaked
-        if not isinstance(blame_lock_holders, bool):
-            raise TypeError(
-                f"blame_lock_holders must be a bool, got {type(blame_lock_holders).__name__}"
-            )
+        for name, flag in (
+            ("blame_lock_holders", blame_lock_holders),
+            ("cancel_quarantined", cancel_quarantined),
+        ):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
         self.engine = engine
         self.sync_engine = sync_engine
         self._is_async = sync_engine.dialect.is_async
@@ -254,6 +260,9 @@ class PoolGuard:
         self._baseline = self.enforcer.session_baseline
         #: Only where the server can say who blocks whom (PostgreSQL).
         self.blame_lock_holders = blame_lock_holders and self.enforcer.can_blame
+        #: Also only where sessions have ids poolguard can name to the server.
+        self.cancel_quarantined = cancel_quarantined and self.enforcer.can_blame
+        self._track_pids = self.blame_lock_holders or self.cancel_quarantined
         self._blame = LockBlame()
         with _option_prefix("quarantine_"):
             self.quarantine = Quarantine(
@@ -301,6 +310,7 @@ class PoolGuard:
         self._held: dict[Any, _Hold] = {}
         self._token = object()
         self._leaks_reported = 0
+        self._cancelled_total = 0
         self._closed = False
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
         self._patched_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
@@ -415,6 +425,7 @@ class PoolGuard:
             "shedding": {"levels": {p: sh.level(now) for p, sh in list(self._shedders.items())}},
             "leaks_reported": self._leaks_reported,
             "lock_holders_blamed": self._blame.blamed,
+            "quarantined_cancelled": self._cancelled_total,
             "quarantine": [_entry_dict(e) for e in self.quarantine.entries(now)],
             "statements": self._stats.snapshot(),
         }
@@ -578,7 +589,7 @@ class PoolGuard:
             fairy.invalidate()
             fairy.close()
             raise
-        if self.blame_lock_holders:
+        if self._track_pids:
             info[_PID_KEY] = self.enforcer.backend_pid(fairy.dbapi_connection)
         info[_READY] = self._token
         if info.pop("poolguard.created_at", None) is not None:
@@ -728,9 +739,11 @@ class PoolGuard:
             else:
                 dialect.do_execute_no_params(cursor, statement, context)
         except BaseException as err:
+            cancelled = False
             if hold is not None:
                 hold.running = None
-            self._statement_failed(err, fp, timeout, t0, scope, context)
+                cancelled, hold.cancelled = hold.cancelled, False
+            self._statement_failed(err, fp, timeout, t0, scope, context, cancelled)
             raise
         t1 = time.time_ns()
         elapsed = (t1 - t0) / 1e9
@@ -743,6 +756,7 @@ class PoolGuard:
                 self._on_transition(t)
         if hold is not None:
             hold.running = None
+            hold.cancelled = False  # a cancel that came too late found nothing to stop
             hold.fp = fp
         self.telemetry.statement(
             fp, t0, t1, partition=scope.partition if scope else None, timeout=timeout, error=None
@@ -766,10 +780,13 @@ class PoolGuard:
         t0: int,
         scope: BudgetScope | None,
         context: ExecutionContext,
+        cancelled: bool = False,
     ) -> None:
         t1 = time.time_ns()
         elapsed = (t1 - t0) / 1e9
         cause = self.enforcer.classify(err)
+        if cancelled and cause == "statement":
+            cause = "quarantined"  # stopped by poolguard's cancel: no time-out of its own
         timed_out = cause is not None
         self._stats.record(fp, elapsed, error=True, timeout=timed_out)
         if scope is not None:
@@ -782,7 +799,9 @@ class PoolGuard:
             context._poolguard_timeout = (fp, limit, elapsed, partition, cause)  # type: ignore[attr-defined]
             # Only a time-out that cannot have been a lock wait earns a strike: the victims
             # of a lock holder must not be quarantined in its place.
-            if cause == "statement" and enforcer.timeout_is_own(timeout):
+            if cause == "quarantined":
+                pass  # its breaker is open already
+            elif cause == "statement" and enforcer.timeout_is_own(timeout):
                 t = self.quarantine.record_timeout(fp.id, fp.summary, now)
                 if t is not None:
                     self._on_transition(t)
@@ -820,14 +839,38 @@ class PoolGuard:
                 self._on_transition(t)
 
     def _ask_blocking_pids(self) -> list[int]:
-        # A connection of its own, outside the pool and the gate: the victim's transaction
-        # is aborted and belongs to the application. The pool's creator runs the engine's
-        # do_connect hooks (credentials providers) as for any connection.
+        return self._on_own_connection(self.enforcer.blocking_pids)
+
+    def _on_own_connection(self, work: Callable[[Any], _T]) -> _T:
+        """Run ``work`` on a DBAPI connection of poolguard's own, outside the pool and the
+        gate: the connections in the pool belong to the application (a victim's transaction
+        is aborted and is the application's to roll back). The pool's creator runs the
+        engine's do_connect hooks (credentials providers) as for any connection."""
         raw = self.sync_engine.pool._invoke_creator(None)  # type: ignore[arg-type]
         try:
-            return self.enforcer.blocking_pids(raw)
+            return work(raw)
         finally:
             raw.close()
+
+    def _cancel_running(self, fingerprint: str) -> None:
+        """Cancel the executions of a just-quarantined statement that are still running on
+        this guard's connections: each holds a connection, maybe locks, until its own
+        time-out, which is exactly the harm the quarantine is there to stop. Best effort."""
+        pids = []
+        for record, hold in list(self._held.items()):
+            fp = hold.running
+            pid = record.info.get(_PID_KEY)
+            if fp is not None and fp.id == fingerprint and pid is not None:
+                hold.cancelled = True
+                pids.append(pid)
+        if not pids:
+            return
+        try:
+            self._on_own_connection(lambda raw: self.enforcer.cancel_backends(raw, pids))
+        except Exception as e:
+            log.debug("poolguard: could not cancel quarantined statements: %s", type(e).__name__)
+            return
+        self._cancelled_total += len(pids)
 
     def _on_handle_error(self, ctx: Any) -> BaseException | None:
         info = getattr(ctx.execution_context, "_poolguard_timeout", None)
@@ -844,9 +887,8 @@ class PoolGuard:
             partition=partition,
             cause=cause,
         )
-        self.telemetry.refusal(
-            err, kind="timeout", partition=partition, fingerprint=fp, timeout=timeout
-        )
+        kind = "cancelled" if cause == "quarantined" else "timeout"
+        self.telemetry.refusal(err, kind=kind, partition=partition, fingerprint=fp, timeout=timeout)
         return err
 
     def _on_transition(self, t: Transition) -> None:
@@ -863,6 +905,8 @@ class PoolGuard:
             {"fingerprint": t.fingerprint, "summary": t.summary, "cooldown": t.cooldown},
             time.monotonic(),
         )
+        if t.kind != "closed" and self.cancel_quarantined:
+            self._cancel_running(t.fingerprint)
 
     # -- watchdog -----------------------------------------------------------------------------
     def _watch(self) -> None:

@@ -452,7 +452,7 @@ class Telemetry:
         if fingerprint is not None:
             attrs[DB_QUERY_SUMMARY] = fingerprint.summary
         self._refusals.add(1, attrs)
-        if isinstance(exc, QueryTimeout):
+        if isinstance(exc, QueryTimeout) and exc.cause != "quarantined":
             t_attrs: dict[str, AttributeValue] = {
                 DB_POOL_NAME: self.pool_name,
                 DB_QUERY_SUMMARY: fingerprint.summary if fingerprint is not None else exc.summary,

@@ -54,7 +54,8 @@ class Enforcer:
         """
         return None
 
-    #: True when the server can say who blocks a lock waiter (see poolguard.blame).
+    #: True when the server can say who blocks a lock waiter (see poolguard.blame) and can
+    #: cancel another session's statement: both need the sessions' ids.
     can_blame = False
 
     def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
@@ -65,6 +66,10 @@ class Enforcer:
         """The sessions that block others waiting for a lock right now (one round trip on a
         connection of poolguard's own)."""
         return []
+
+    def cancel_backends(self, dbapi_connection: DBAPIConnection, pids: list[int]) -> None:
+        """Cancel what these sessions are running (one round trip on a connection of
+        poolguard's own)."""
 
     def lock_timeout_for(self, timeout: float | None) -> float | None:
         """The longest a statement with this time-out waits for a lock before the server

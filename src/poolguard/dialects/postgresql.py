@@ -146,6 +146,15 @@ class PostgreSQLEnforcer(Enforcer):
         finally:
             cur.close()
 
+    def cancel_backends(self, dbapi_connection: DBAPIConnection, pids: list[int]) -> None:
+        ids = ", ".join(str(int(pid)) for pid in pids)
+        cur = dbapi_connection.cursor()
+        try:
+            cur.execute(f"SELECT pg_cancel_backend(pid) FROM unnest(ARRAY[{ids}]::int[]) AS pid")
+            cur.fetchall()
+        finally:
+            cur.close()
+
     def classify(self, exc: BaseException) -> str | None:
         code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
         if code == _QUERY_CANCELED:
