@@ -4,6 +4,7 @@ pymysql and aiomysql."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -134,3 +135,59 @@ def test_tightened_statement_time_out_still_earns_a_strike(
             c.execute(sa.text("select sleep(4)"))
     assert ei.value.cause == "statement"
     assert len(guard.quarantined()) == 1
+
+
+def test_lock_holder_is_blamed_and_cancelled(make_guard: MakeGuard, mariadb_url: str) -> None:
+    """Writers queue behind a transaction that holds their row in a long statement: their
+    lock waits name it (information_schema.innodb_lock_waits), three quarantine it, and the
+    quarantine kills its running statement (KILL QUERY), which frees the row."""
+    engine = sa.create_engine(mariadb_url, pool_size=8, max_overflow=0)
+    with engine.begin() as c:
+        c.execute(sa.text("drop table if exists my_blame_t"))
+        c.execute(sa.text("create table my_blame_t (id int primary key, n int) engine=innodb"))
+        c.execute(sa.text("insert into my_blame_t values (1, 0)"))
+    guard = make_guard(engine, statement_timeout=4.0, quarantine_threshold=3, partition_share=1.0)
+    errors: list[BaseException] = []
+
+    def victim() -> None:
+        try:
+            with engine.begin() as c:
+                c.execute(sa.text("update my_blame_t set n = n + 100 where id = 1"))
+        except BaseException as e:
+            errors.append(e)
+
+    def queue() -> None:
+        threads = []
+        for _ in range(5):  # lock waits of 2 s end at 2.3, 2.6, 2.9, 3.2 and 3.5 s
+            time.sleep(0.3)
+            t = threading.Thread(target=victim)
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join(10)
+
+    try:
+        starter = threading.Thread(target=queue)
+        with engine.begin() as rogue:
+            rogue.execute(sa.text("update my_blame_t set n = 1 where id = 1"))
+            starter.start()
+            t0 = time.monotonic()
+            with pytest.raises(QueryTimeout) as ei:
+                rogue.execute(sa.text("select sleep(10)"))
+            stopped_after = time.monotonic() - t0
+        starter.join(15)
+        assert ei.value.cause == "quarantined"
+        assert stopped_after < 3.8  # killed before its own 4 s time-out
+        assert len(errors) >= 3 and all(getattr(e, "cause", None) == "lock" for e in errors)
+        stats = guard.stats()
+        assert stats["lock_holders_blamed"] >= 3
+        assert stats["quarantined_cancelled"] == 1
+        assert [q["fingerprint"] for q in guard.quarantined()] == [ei.value.fingerprint]
+        with engine.connect() as c:
+            # InnoDB ends only the killed statement, not its transaction: the rogue's block
+            # caught the error and committed its update (n = 1); writers that outlived the
+            # rogue added 100 each after it.
+            assert c.execute(sa.text("select n from my_blame_t")).scalar() % 100 == 1
+    finally:
+        with engine.begin() as c:
+            c.execute(sa.text("drop table my_blame_t"))

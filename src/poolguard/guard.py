@@ -62,7 +62,8 @@ _guards_lock = threading.Lock()
 #: Capacity assumed for pools that do not bound themselves (NullPool, StaticPool...).
 _UNBOUNDED_POOL_CAPACITY = 10
 _READY = "poolguard.ready"
-#: The server session id of a pooled connection, in its record's info (PostgreSQL).
+#: The server session id of a pooled connection, in its record's info (PostgreSQL pid,
+#: MySQL/MariaDB connection id).
 _PID_KEY = "poolguard.backend_pid"
 _T = TypeVar("_T")
 #: Partitions with a shedder of their own; further ones share the default partition's.
@@ -258,7 +259,7 @@ class PoolGuard:
             idle_in_transaction_timeout=idle_in_transaction_timeout,
         )
         self._baseline = self.enforcer.session_baseline
-        #: Only where the server can say who blocks whom (PostgreSQL).
+        #: Only where the server can say who blocks whom (PostgreSQL, MariaDB).
         self.blame_lock_holders = blame_lock_holders and self.enforcer.can_blame
         #: Also only where sessions have ids poolguard can name to the server.
         self.cancel_quarantined = cancel_quarantined and self.enforcer.can_blame
@@ -785,7 +786,7 @@ class PoolGuard:
         t1 = time.time_ns()
         elapsed = (t1 - t0) / 1e9
         cause = self.enforcer.classify(err)
-        if cancelled and cause == "statement":
+        if cancelled and self.enforcer.was_cancelled(err):
             cause = "quarantined"  # stopped by poolguard's cancel: no time-out of its own
         timed_out = cause is not None
         self._stats.record(fp, elapsed, error=True, timeout=timed_out)
@@ -846,6 +847,8 @@ class PoolGuard:
         gate: the connections in the pool belong to the application (a victim's transaction
         is aborted and is the application's to roll back). The pool's creator runs the
         engine's do_connect hooks (credentials providers) as for any connection."""
+        if self._is_async and not in_greenlet():
+            raise RuntimeError("an async driver connects only inside SQLAlchemy's greenlet")
         raw = self.sync_engine.pool._invoke_creator(None)  # type: ignore[arg-type]
         try:
             return work(raw)

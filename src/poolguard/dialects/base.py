@@ -71,6 +71,10 @@ class Enforcer:
         """Cancel what these sessions are running (one round trip on a connection of
         poolguard's own)."""
 
+    def was_cancelled(self, exc: BaseException) -> bool:
+        """True when ``exc`` reports a statement stopped by a cancel (``cancel_backends``)."""
+        return False
+
     def lock_timeout_for(self, timeout: float | None) -> float | None:
         """The longest a statement with this time-out waits for a lock before the server
         reports it as a lock wait (``"lock"``); None when the server's setting applies."""

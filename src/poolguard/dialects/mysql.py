@@ -25,6 +25,14 @@ from .base import Enforcer, ms
 _MARIADB_TIMEOUT = 1969  # ER_STATEMENT_TIMEOUT
 _MYSQL_TIMEOUT = 3024  # ER_QUERY_TIMEOUT
 _LOCK_WAIT_TIMEOUT = 1205  # ER_LOCK_WAIT_TIMEOUT
+_QUERY_INTERRUPTED = 1317  # ER_QUERY_INTERRUPTED: what KILL QUERY leaves
+# Sessions holding an InnoDB lock that another transaction waits for, and not waiting
+# themselves (a waiting request can also block later ones: those are victims too).
+_MARIADB_BLOCKERS = (
+    "SELECT DISTINCT b.trx_mysql_thread_id FROM information_schema.innodb_lock_waits w "
+    "JOIN information_schema.innodb_trx b ON b.trx_id = w.blocking_trx_id "
+    "WHERE b.trx_state <> 'LOCK WAIT'"
+)
 
 
 class MySQLEnforcer(Enforcer):
@@ -96,6 +104,42 @@ class MySQLEnforcer(Enforcer):
     def lock_timeout_for(self, timeout: float | None) -> float | None:
         lock = self._lock_secs(timeout)
         return None if lock is None else float(lock)
+
+    #: Connection ids come with the handshake; KILL QUERY cancels on MySQL and MariaDB. Who
+    #: blocks whom is asked of MariaDB only (MySQL 8 moved it to performance_schema).
+    can_blame = True
+
+    def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
+        raw: Any = dbapi_connection
+        inner: Any = getattr(raw, "_connection", raw)  # SQLAlchemy's aiomysql adapter
+        thread_id = getattr(inner, "thread_id", None)
+        pid = thread_id() if callable(thread_id) else None
+        return pid if isinstance(pid, int) else None
+
+    def blocking_pids(self, dbapi_connection: DBAPIConnection) -> list[int]:
+        if not self.is_mariadb:
+            return []
+        cur = dbapi_connection.cursor()
+        try:
+            cur.execute(_MARIADB_BLOCKERS)
+            return [int(row[0]) for row in cur.fetchall()]
+        finally:
+            cur.close()
+
+    def cancel_backends(self, dbapi_connection: DBAPIConnection, pids: list[int]) -> None:
+        cur = dbapi_connection.cursor()
+        try:
+            for pid in pids:
+                try:
+                    cur.execute(f"KILL QUERY {int(pid)}")
+                except Exception:  # it may have ended meanwhile (unknown thread)
+                    continue
+        finally:
+            cur.close()
+
+    def was_cancelled(self, exc: BaseException) -> bool:
+        args: tuple[Any, ...] = getattr(exc, "args", ())
+        return bool(args) and args[0] in (_QUERY_INTERRUPTED, _MARIADB_TIMEOUT, _MYSQL_TIMEOUT)
 
     def classify(self, exc: BaseException) -> str | None:
         args: tuple[Any, ...] = getattr(exc, "args", ())

@@ -155,6 +155,9 @@ class PostgreSQLEnforcer(Enforcer):
         finally:
             cur.close()
 
+    def was_cancelled(self, exc: BaseException) -> bool:
+        return self.classify(exc) == "statement"  # 57014, as for statement_timeout
+
     def classify(self, exc: BaseException) -> str | None:
         code = getattr(exc, "sqlstate", None) or getattr(exc, "pgcode", None)
         if code == _QUERY_CANCELED:
