@@ -98,6 +98,20 @@ class ClientSideOnly(Enforcer):
         self.session_baseline = False
 
 
+def query(dbapi_connection: Any, sql: str) -> list[Any]:
+    """Run one statement of poolguard's own on a cursor of its own and return its rows.
+
+    A cursor of its own because the statement's cursor may be a server-side one (it runs
+    only the statement it declares); the rows are always read, because some drivers
+    (asyncpg's adapter) keep an unread result bound to the connection."""
+    cur = dbapi_connection.cursor()
+    try:
+        cur.execute(sql)
+        return list(cur.fetchall()) if cur.description is not None else []
+    finally:
+        cur.close()
+
+
 def ms(seconds: float) -> int:
     """Whole milliseconds, at least 1 (0 means "no limit" to PostgreSQL and MySQL)."""
     return max(1, int(seconds * 1000))

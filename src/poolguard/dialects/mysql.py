@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
 
-from .base import Enforcer, ms
+from .base import Enforcer, ms, query
 
 _MARIADB_TIMEOUT = 1969  # ER_STATEMENT_TIMEOUT
 _MYSQL_TIMEOUT = 3024  # ER_QUERY_TIMEOUT
@@ -46,13 +46,8 @@ class MySQLEnforcer(Enforcer):
 
     def _detect(self, dbapi_connection: Any) -> bool:
         if self.is_mariadb is None:
-            cur = dbapi_connection.cursor()
-            try:
-                cur.execute("SELECT VERSION()")
-                row = cur.fetchone()
-            finally:
-                cur.close()
-            self.is_mariadb = "mariadb" in str(row[0]).lower() if row else False
+            rows = query(dbapi_connection, "SELECT VERSION()")
+            self.is_mariadb = "mariadb" in str(rows[0][0]).lower() if rows else False
         return self.is_mariadb
 
     def on_connect(
@@ -119,12 +114,7 @@ class MySQLEnforcer(Enforcer):
     def blocking_pids(self, dbapi_connection: DBAPIConnection) -> list[int]:
         if not self.is_mariadb:
             return []
-        cur = dbapi_connection.cursor()
-        try:
-            cur.execute(_MARIADB_BLOCKERS)
-            return [int(row[0]) for row in cur.fetchall()]
-        finally:
-            cur.close()
+        return [int(row[0]) for row in query(dbapi_connection, _MARIADB_BLOCKERS)]
 
     def cancel_backends(self, dbapi_connection: DBAPIConnection, pids: list[int]) -> None:
         cur = dbapi_connection.cursor()

@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
 
-from .base import Enforcer, ms
+from .base import Enforcer, ms, query
 
 _QUERY_CANCELED = "57014"
 _LOCK_NOT_AVAILABLE = "55P03"
@@ -139,21 +139,11 @@ class PostgreSQLEnforcer(Enforcer):
         return pid if isinstance(pid, int) else None
 
     def blocking_pids(self, dbapi_connection: DBAPIConnection) -> list[int]:
-        cur = dbapi_connection.cursor()
-        try:
-            cur.execute(_BLOCKERS)
-            return [int(row[0]) for row in cur.fetchall()]
-        finally:
-            cur.close()
+        return [int(row[0]) for row in query(dbapi_connection, _BLOCKERS)]
 
     def cancel_backends(self, dbapi_connection: DBAPIConnection, pids: list[int]) -> None:
         ids = ", ".join(str(int(pid)) for pid in pids)
-        cur = dbapi_connection.cursor()
-        try:
-            cur.execute(f"SELECT pg_cancel_backend(pid) FROM unnest(ARRAY[{ids}]::int[]) AS pid")
-            cur.fetchall()
-        finally:
-            cur.close()
+        query(dbapi_connection, f"SELECT pg_cancel_backend(p) FROM unnest(ARRAY[{ids}]::int[]) p")
 
     def was_cancelled(self, exc: BaseException) -> bool:
         return self.classify(exc) == "statement"  # 57014, as for statement_timeout
@@ -173,9 +163,4 @@ def run_settings(dbapi_connection: Any, settings: list[tuple[str, int]], *, loca
     parameters, so values are inlined as validated integers."""
     scope = "true" if local else "false"
     calls = ", ".join(f"set_config('{name}', '{int(value)}', {scope})" for name, value in settings)
-    cur = dbapi_connection.cursor()
-    try:
-        cur.execute(f"SELECT {calls}")
-        cur.fetchall()
-    finally:
-        cur.close()
+    query(dbapi_connection, f"SELECT {calls}")

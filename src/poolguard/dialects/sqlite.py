@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
 from sqlalchemy.util import await_only
 
-from .base import Enforcer, ms
+from .base import Enforcer, ms, query
 
 _CELL_KEY = "poolguard.sqlite_deadline"
 #: VM instructions between checks: about every 10-100 us of work, invisible on short statements.
@@ -134,9 +134,4 @@ class SQLiteEnforcer(Enforcer):
 
 
 def _set_busy_timeout(dbapi_connection: Any, busy_ms: int) -> None:
-    cur = dbapi_connection.cursor()
-    try:
-        cur.execute(f"PRAGMA busy_timeout = {int(busy_ms)}")
-        cur.fetchall()
-    finally:
-        cur.close()
+    query(dbapi_connection, f"PRAGMA busy_timeout = {int(busy_ms)}")
