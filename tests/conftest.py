@@ -8,6 +8,8 @@ test instead of skipping it, so a broken CI machine cannot pass by skipping ever
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -196,3 +198,58 @@ def make_guard() -> Iterator[Callable[..., Any]]:
                 g.sync_engine.dispose(close=False)
             else:
                 g.sync_engine.dispose()
+
+
+@pytest.fixture
+def hot_row() -> Iterator[Callable[[sa.Engine, str], None]]:
+    """Makes a table with one row (id 1, n 0) that lock tests contend for; drops it after."""
+    made: list[tuple[sa.Engine, str]] = []
+
+    def make(engine: sa.Engine, table: str) -> None:
+        innodb = " engine=innodb" if engine.dialect.name in ("mysql", "mariadb") else ""
+        with engine.begin() as c:
+            c.execute(sa.text(f"drop table if exists {table}"))
+            c.execute(sa.text(f"create table {table} (id int primary key, n int){innodb}"))
+            c.execute(sa.text(f"insert into {table} values (1, 0)"))
+        made.append((engine, table))
+
+    yield make
+    for engine, table in made:
+        with engine.begin() as c:
+            c.execute(sa.text(f"drop table {table}"))
+
+
+@pytest.fixture
+def queued_writers() -> Callable[..., threading.Thread]:
+    """Starts writers of a hot row in the background (see ``start``)."""
+
+    def start(
+        engine: sa.Engine, table: str, n: int, gap: float, errors: list[BaseException]
+    ) -> threading.Thread:
+        """Writers of the locked row, started in the background ``gap`` apart (the first after
+        ``gap``) so that some still wait whenever an earlier one's lock wait ends: the server can
+        only name the blocker of a session that is waiting. Join the returned thread, then all
+        writers are done."""
+
+        def victim() -> None:
+            try:
+                with engine.begin() as c:
+                    c.execute(sa.text(f"update {table} set n = n + 100 where id = 1"))
+            except BaseException as e:
+                errors.append(e)
+
+        def queue() -> None:
+            threads = []
+            for _ in range(n):
+                time.sleep(gap)
+                t = threading.Thread(target=victim)
+                t.start()
+                threads.append(t)
+            for t in threads:
+                t.join(10)
+
+        starter = threading.Thread(target=queue)
+        starter.start()
+        return starter
+
+    return start

@@ -17,6 +17,8 @@ from poolguard import QueryTimeout
 
 pytestmark = pytest.mark.mariadb
 MakeGuard = Callable[..., Any]
+HotRow = Callable[[sa.Engine, str], None]
+QueuedWriters = Callable[[sa.Engine, str, int, float, list[BaseException]], threading.Thread]
 
 
 def test_statement_timeout_is_enforced_by_the_server(
@@ -92,6 +94,7 @@ async def test_aiomysql_timeout(make_guard: MakeGuard, mariadb_async_url: str) -
     ],
 )
 def test_lock_victim_under_a_deadline_earns_no_strike(
+    hot_row: HotRow,
     make_guard: MakeGuard,
     mariadb_url: str,
     deadline: float,
@@ -100,28 +103,21 @@ def test_lock_victim_under_a_deadline_earns_no_strike(
     strikes: int,
 ) -> None:
     engine = sa.create_engine(mariadb_url, pool_size=2, max_overflow=0)
-    with engine.begin() as c:
-        c.execute(sa.text("drop table if exists my_lock_v"))
-        c.execute(sa.text("create table my_lock_v (id int primary key, n int) engine=innodb"))
-        c.execute(sa.text("insert into my_lock_v values (1, 0)"))
+    hot_row(engine, "my_lock_v")
     guard = make_guard(engine, statement_timeout=10.0, quarantine_threshold=1)
-    try:
-        with engine.begin() as holder:
-            holder.execute(sa.text("update my_lock_v set n = 1 where id = 1"))
-            t0 = time.monotonic()
-            with pytest.raises(QueryTimeout) as ei, guard.budget(deadline=deadline):
-                with engine.begin() as c:
-                    c.execute(sa.text("update my_lock_v set n = 2 where id = 1"))
-            waited = time.monotonic() - t0
-        assert ei.value.cause == cause
-        assert ei.value.timeout == pytest.approx(limit, abs=0.05)
-        assert waited < limit + 0.5
-        assert len(guard.quarantined()) == strikes
-        with engine.connect() as c:  # the session's lock wait is untouched
-            assert c.execute(sa.text("select @@innodb_lock_wait_timeout")).scalar() == 5
-    finally:
-        with engine.begin() as c:
-            c.execute(sa.text("drop table my_lock_v"))
+    with engine.begin() as holder:
+        holder.execute(sa.text("update my_lock_v set n = 1 where id = 1"))
+        t0 = time.monotonic()
+        with pytest.raises(QueryTimeout) as ei, guard.budget(deadline=deadline):
+            with engine.begin() as c:
+                c.execute(sa.text("update my_lock_v set n = 2 where id = 1"))
+        waited = time.monotonic() - t0
+    assert ei.value.cause == cause
+    assert ei.value.timeout == pytest.approx(limit, abs=0.05)
+    assert waited < limit + 0.5
+    assert len(guard.quarantined()) == strikes
+    with engine.connect() as c:  # the session's lock wait is untouched
+        assert c.execute(sa.text("select @@innodb_lock_wait_timeout")).scalar() == 5
 
 
 def test_tightened_statement_time_out_still_earns_a_strike(
@@ -137,57 +133,34 @@ def test_tightened_statement_time_out_still_earns_a_strike(
     assert len(guard.quarantined()) == 1
 
 
-def test_lock_holder_is_blamed_and_cancelled(make_guard: MakeGuard, mariadb_url: str) -> None:
+def test_lock_holder_is_blamed_and_cancelled(
+    hot_row: HotRow, queued_writers: QueuedWriters, make_guard: MakeGuard, mariadb_url: str
+) -> None:
     """Writers queue behind a transaction that holds their row in a long statement: their
     lock waits name it (information_schema.innodb_lock_waits), three quarantine it, and the
     quarantine kills its running statement (KILL QUERY), which frees the row."""
     engine = sa.create_engine(mariadb_url, pool_size=8, max_overflow=0)
-    with engine.begin() as c:
-        c.execute(sa.text("drop table if exists my_blame_t"))
-        c.execute(sa.text("create table my_blame_t (id int primary key, n int) engine=innodb"))
-        c.execute(sa.text("insert into my_blame_t values (1, 0)"))
+    hot_row(engine, "my_blame_t")
     guard = make_guard(engine, statement_timeout=4.0, quarantine_threshold=3, partition_share=1.0)
     errors: list[BaseException] = []
-
-    def victim() -> None:
-        try:
-            with engine.begin() as c:
-                c.execute(sa.text("update my_blame_t set n = n + 100 where id = 1"))
-        except BaseException as e:
-            errors.append(e)
-
-    def queue() -> None:
-        threads = []
-        for _ in range(5):  # lock waits of 2 s end at 2.3, 2.6, 2.9, 3.2 and 3.5 s
-            time.sleep(0.3)
-            t = threading.Thread(target=victim)
-            t.start()
-            threads.append(t)
-        for t in threads:
-            t.join(10)
-
-    try:
-        starter = threading.Thread(target=queue)
-        with engine.begin() as rogue:
-            rogue.execute(sa.text("update my_blame_t set n = 1 where id = 1"))
-            starter.start()
-            t0 = time.monotonic()
-            with pytest.raises(QueryTimeout) as ei:
-                rogue.execute(sa.text("select sleep(10)"))
-            stopped_after = time.monotonic() - t0
-        starter.join(15)
-        assert ei.value.cause == "quarantined"
-        assert stopped_after < 3.8  # killed before its own 4 s time-out
-        assert len(errors) >= 3 and all(getattr(e, "cause", None) == "lock" for e in errors)
-        stats = guard.stats()
-        assert stats["lock_holders_blamed"] >= 3
-        assert stats["quarantined_cancelled"] == 1
-        assert [q["fingerprint"] for q in guard.quarantined()] == [ei.value.fingerprint]
-        with engine.connect() as c:
-            # InnoDB ends only the killed statement, not its transaction: the rogue's block
-            # caught the error and committed its update (n = 1); writers that outlived the
-            # rogue added 100 each after it.
-            assert c.execute(sa.text("select n from my_blame_t")).scalar() % 100 == 1
-    finally:
-        with engine.begin() as c:
-            c.execute(sa.text("drop table my_blame_t"))
+    with engine.begin() as rogue:
+        rogue.execute(sa.text("update my_blame_t set n = 1 where id = 1"))
+        # Lock waits of 2 s, ending at 2.3, 2.6, 2.9, 3.2 and 3.5 s.
+        starter = queued_writers(engine, "my_blame_t", 5, 0.3, errors)
+        t0 = time.monotonic()
+        with pytest.raises(QueryTimeout) as ei:
+            rogue.execute(sa.text("select sleep(10)"))
+        stopped_after = time.monotonic() - t0
+    starter.join(15)
+    assert ei.value.cause == "quarantined"
+    assert stopped_after < 3.8  # killed before its own 4 s time-out
+    assert len(errors) >= 3 and all(getattr(e, "cause", None) == "lock" for e in errors)
+    stats = guard.stats()
+    assert stats["lock_holders_blamed"] >= 3
+    assert stats["quarantined_cancelled"] == 1
+    assert [q["fingerprint"] for q in guard.quarantined()] == [ei.value.fingerprint]
+    with engine.connect() as c:
+        # InnoDB ends only the killed statement, not its transaction: the rogue's block
+        # caught the error and committed its update (n = 1); writers that outlived the
+        # rogue added 100 each after it.
+        assert c.execute(sa.text("select n from my_blame_t")).scalar() % 100 == 1

@@ -18,6 +18,8 @@ from poolguard import BudgetExceeded, PoolSaturated, QueryQuarantined, QueryTime
 
 pytestmark = pytest.mark.postgresql
 MakeGuard = Callable[..., Any]
+HotRow = Callable[[sa.Engine, str], None]
+QueuedWriters = Callable[[sa.Engine, str, int, float, list[BaseException]], threading.Thread]
 
 SYNC_DRIVERS = ["psycopg", "psycopg2"]
 
@@ -313,15 +315,14 @@ async def test_asyncpg_budget_max_queries(make_guard: MakeGuard, pg_async_url: s
         await engine.dispose()
 
 
-def test_reclaimed_leak_frees_its_locks(make_guard: MakeGuard, pg_url: str) -> None:
+def test_reclaimed_leak_frees_its_locks(
+    hot_row: HotRow, make_guard: MakeGuard, pg_url: str
+) -> None:
     """A connection leaked inside a transaction holds row locks; reclaiming it ends the
     server session, so writers of that row are served again while the leaker still holds
     its (now dead) connection."""
     engine = sa.create_engine(pg_url, pool_size=2, max_overflow=0)
-    with engine.begin() as c:
-        c.execute(sa.text("drop table if exists pg_leak_t"))
-        c.execute(sa.text("create table pg_leak_t (id int primary key, n int)"))
-        c.execute(sa.text("insert into pg_leak_t values (1, 0)"))
+    hot_row(engine, "pg_leak_t")
     guard = make_guard(engine, hold_timeout=0.3, reclaim_leaked=True, statement_timeout=5.0)
     leaked = engine.connect()
     leaked.execute(sa.text("update pg_leak_t set n = n + 1 where id = 1"))  # row lock held
@@ -335,21 +336,16 @@ def test_reclaimed_leak_frees_its_locks(make_guard: MakeGuard, pg_url: str) -> N
     with pytest.raises(sa.exc.DBAPIError):
         leaked.execute(sa.text("select 1"))  # the leaker finds its connection gone
     leaked.close()
-    with engine.begin() as c:
-        c.execute(sa.text("drop table pg_leak_t"))
 
 
 def test_lock_holder_is_quarantined_and_its_victims_are_not(
-    make_guard: MakeGuard, pg_url: str
+    hot_row: HotRow, make_guard: MakeGuard, pg_url: str
 ) -> None:
     """A rogue transaction holds a row lock in a long statement; writers of that row time out
     on the lock (lock_timeout, shorter than statement_timeout by default) and are never
     quarantined, while the rogue statement is, after three time-outs."""
     engine = sa.create_engine(pg_url, pool_size=4, max_overflow=0)
-    with engine.begin() as c:
-        c.execute(sa.text("drop table if exists pg_lock_t"))
-        c.execute(sa.text("create table pg_lock_t (id int primary key, n int)"))
-        c.execute(sa.text("insert into pg_lock_t values (1, 0)"))
+    hot_row(engine, "pg_lock_t")
     guard = make_guard(engine, statement_timeout=1.0, quarantine_threshold=3)
     assert guard.lock_timeout == pytest.approx(0.5)
     assert guard.blame_lock_holders  # but one victim at a time: nobody left waiting to ask about
@@ -371,23 +367,19 @@ def test_lock_holder_is_quarantined_and_its_victims_are_not(
         except QueryTimeout as e:
             victims.append(e)
 
-    try:
-        for _ in range(3):
-            t = threading.Thread(target=victim)
-            with pytest.raises(QueryTimeout) as ei:
-                rogue(then=t.start)
-            t.join(5)
-            assert ei.value.cause == "statement"
-        assert victims and all(v.cause == "lock" for v in victims)
-        quarantined = guard.quarantined()
-        assert [q["summary"] for q in quarantined] == [ei.value.summary]
-        with pytest.raises(QueryQuarantined):
-            rogue()
-        victim()  # the lock is gone at once: writers are served again
-        assert len(victims) == 3
-    finally:
-        with engine.begin() as c:
-            c.execute(sa.text("drop table pg_lock_t"))
+    for _ in range(3):
+        t = threading.Thread(target=victim)
+        with pytest.raises(QueryTimeout) as ei:
+            rogue(then=t.start)
+        t.join(5)
+        assert ei.value.cause == "statement"
+    assert victims and all(v.cause == "lock" for v in victims)
+    quarantined = guard.quarantined()
+    assert [q["summary"] for q in quarantined] == [ei.value.summary]
+    with pytest.raises(QueryQuarantined):
+        rogue()
+    victim()  # the lock is gone at once: writers are served again
+    assert len(victims) == 3
 
 
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
@@ -421,115 +413,70 @@ async def test_asyncpg_server_side_cursor_under_a_tightened_budget(
 
 
 def test_lock_victim_under_a_nearly_spent_deadline_fails_as_a_lock_wait(
-    make_guard: MakeGuard, pg_url: str
+    hot_row: HotRow, make_guard: MakeGuard, pg_url: str
 ) -> None:
     """A deadline cuts the victim's statement time-out below lock_timeout; lock_timeout
     comes down with it, so the victim still fails as a lock wait and earns no strike."""
     engine = sa.create_engine(pg_url, pool_size=2, max_overflow=0)
-    with engine.begin() as c:
-        c.execute(sa.text("drop table if exists pg_lock_v"))
-        c.execute(sa.text("create table pg_lock_v (id int primary key, n int)"))
-        c.execute(sa.text("insert into pg_lock_v values (1, 0)"))
+    hot_row(engine, "pg_lock_v")
     guard = make_guard(engine, statement_timeout=5.0, quarantine_threshold=1)
     assert guard.lock_timeout == pytest.approx(2.5)
-    try:
-        with engine.begin() as holder:
-            holder.execute(sa.text("update pg_lock_v set n = 1 where id = 1"))
-            t0 = time.monotonic()
-            with pytest.raises(QueryTimeout) as ei, guard.budget(deadline=0.4):
-                with engine.begin() as c:
-                    c.execute(sa.text("update pg_lock_v set n = 2 where id = 1"))
-            waited = time.monotonic() - t0
-        assert ei.value.cause == "lock"
-        assert ei.value.timeout == pytest.approx(0.2, abs=0.02)
-        assert 0.15 <= waited < 0.4
-        assert guard.quarantined() == []
-        with engine.connect() as c:  # the pooled connection is back at the session defaults
-            assert c.execute(sa.text("show lock_timeout")).scalar() == "2500ms"
-    finally:
-        with engine.begin() as c:
-            c.execute(sa.text("drop table pg_lock_v"))
-
-
-def _queued_victims(
-    engine: sa.Engine, table: str, n: int, gap: float, errors: list[BaseException]
-) -> threading.Thread:
-    """Writers of the locked row, started in the background ``gap`` apart (the first after
-    ``gap``) so that some still wait whenever an earlier one's lock wait ends: the server can
-    only name the blocker of a session that is waiting. Join the returned thread, then all
-    writers are done."""
-
-    def victim() -> None:
-        try:
+    with engine.begin() as holder:
+        holder.execute(sa.text("update pg_lock_v set n = 1 where id = 1"))
+        t0 = time.monotonic()
+        with pytest.raises(QueryTimeout) as ei, guard.budget(deadline=0.4):
             with engine.begin() as c:
-                c.execute(sa.text(f"update {table} set n = n + 100 where id = 1"))
-        except BaseException as e:
-            errors.append(e)
-
-    def queue() -> None:
-        threads = []
-        for _ in range(n):
-            time.sleep(gap)
-            t = threading.Thread(target=victim)
-            t.start()
-            threads.append(t)
-        for t in threads:
-            t.join(10)
-
-    starter = threading.Thread(target=queue)
-    starter.start()
-    return starter
+                c.execute(sa.text("update pg_lock_v set n = 2 where id = 1"))
+        waited = time.monotonic() - t0
+    assert ei.value.cause == "lock"
+    assert ei.value.timeout == pytest.approx(0.2, abs=0.02)
+    assert 0.15 <= waited < 0.4
+    assert guard.quarantined() == []
+    with engine.connect() as c:  # the pooled connection is back at the session defaults
+        assert c.execute(sa.text("show lock_timeout")).scalar() == "2500ms"
 
 
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
 def test_lock_holder_is_blamed_by_its_queued_victims(
-    make_guard: MakeGuard, pg_url: str, driver: str
+    hot_row: HotRow, queued_writers: QueuedWriters, make_guard: MakeGuard, pg_url: str, driver: str
 ) -> None:
     """Writers queue behind a transaction that holds their row and runs a long statement;
     each lock wait that ends while others still wait names the blocker, and its running
     statement takes the strike: quarantined within its first run, before its own time-out."""
     engine = sa.create_engine(sync_url(pg_url, driver), pool_size=8, max_overflow=0)
-    with engine.begin() as c:
-        c.execute(sa.text("drop table if exists pg_blame_t"))
-        c.execute(sa.text("create table pg_blame_t (id int primary key, n int)"))
-        c.execute(sa.text("insert into pg_blame_t values (1, 0)"))
+    hot_row(engine, "pg_blame_t")
     guard = make_guard(engine, statement_timeout=3.0, quarantine_threshold=3, partition_share=1.0)
     assert guard.lock_timeout == pytest.approx(1.5)
     errors: list[BaseException] = []
-    try:
-        with engine.begin() as rogue:
-            rogue.execute(sa.text("update pg_blame_t set n = 1 where id = 1"))
-            # PostgreSQL's lock_timeout counts each lock a statement waits for: the first
-            # writer waits for the rogue's transaction, the next ones first for the row's
-            # tuple lock that it holds, then anew. So some writers fail while others wait,
-            # and some outlive the rogue.
-            starter = _queued_victims(engine, "pg_blame_t", 6, 0.25, errors)
-            with pytest.raises(QueryTimeout) as ei:
-                rogue.execute(sa.text("select pg_sleep(5)"))
-        starter.join(15)
-        assert len(errors) >= 3, errors
-        assert all(isinstance(e, QueryTimeout) and e.cause == "lock" for e in errors), errors
-        assert guard.stats()["lock_holders_blamed"] >= 3
-        quarantined = guard.quarantined()
-        assert [q["fingerprint"] for q in quarantined] == [ei.value.fingerprint]
-        with pytest.raises(QueryQuarantined), engine.begin() as rogue:
-            rogue.execute(sa.text("update pg_blame_t set n = 2 where id = 1"))
+    with engine.begin() as rogue:
+        rogue.execute(sa.text("update pg_blame_t set n = 1 where id = 1"))
+        # PostgreSQL's lock_timeout counts each lock a statement waits for: the first
+        # writer waits for the rogue's transaction, the next ones first for the row's
+        # tuple lock that it holds, then anew. So some writers fail while others wait,
+        # and some outlive the rogue.
+        starter = queued_writers(engine, "pg_blame_t", 6, 0.25, errors)
+        with pytest.raises(QueryTimeout) as ei:
             rogue.execute(sa.text("select pg_sleep(5)"))
-        with engine.begin() as c:  # refused at once, its transaction rolled back: writers pass
-            c.execute(sa.text("update pg_blame_t set n = n + 1 where id = 1"))
-            # Writers that outlived the rogue added 100 each; neither rogue's write stayed.
-            assert c.execute(sa.text("select n from pg_blame_t")).scalar() % 100 == 1
-    finally:
-        with engine.begin() as c:
-            c.execute(sa.text("drop table pg_blame_t"))
+    starter.join(15)
+    assert len(errors) >= 3, errors
+    assert all(isinstance(e, QueryTimeout) and e.cause == "lock" for e in errors), errors
+    assert guard.stats()["lock_holders_blamed"] >= 3
+    quarantined = guard.quarantined()
+    assert [q["fingerprint"] for q in quarantined] == [ei.value.fingerprint]
+    with pytest.raises(QueryQuarantined), engine.begin() as rogue:
+        rogue.execute(sa.text("update pg_blame_t set n = 2 where id = 1"))
+        rogue.execute(sa.text("select pg_sleep(5)"))
+    with engine.begin() as c:  # refused at once, its transaction rolled back: writers pass
+        c.execute(sa.text("update pg_blame_t set n = n + 1 where id = 1"))
+        # Writers that outlived the rogue added 100 each; neither rogue's write stayed.
+        assert c.execute(sa.text("select n from pg_blame_t")).scalar() % 100 == 1
 
 
-def test_blame_can_be_turned_off(make_guard: MakeGuard, pg_url: str) -> None:
+def test_blame_can_be_turned_off(
+    hot_row: HotRow, queued_writers: QueuedWriters, make_guard: MakeGuard, pg_url: str
+) -> None:
     engine = sa.create_engine(pg_url, pool_size=8, max_overflow=0)
-    with engine.begin() as c:
-        c.execute(sa.text("drop table if exists pg_blame_off"))
-        c.execute(sa.text("create table pg_blame_off (id int primary key, n int)"))
-        c.execute(sa.text("insert into pg_blame_off values (1, 0)"))
+    hot_row(engine, "pg_blame_off")
     guard = make_guard(
         engine,
         statement_timeout=3.0,
@@ -538,19 +485,15 @@ def test_blame_can_be_turned_off(make_guard: MakeGuard, pg_url: str) -> None:
         blame_lock_holders=False,
     )
     errors: list[BaseException] = []
-    try:
-        with engine.begin() as rogue:
-            rogue.execute(sa.text("update pg_blame_off set n = 1 where id = 1"))
-            starter = _queued_victims(engine, "pg_blame_off", 6, 0.25, errors)
-            with pytest.raises(QueryTimeout):
-                rogue.execute(sa.text("select pg_sleep(5)"))
-        starter.join(15)
-        assert len(errors) >= 3
-        assert guard.stats()["lock_holders_blamed"] == 0
-        assert guard.quarantined() == []  # one own time-out of three
-    finally:
-        with engine.begin() as c:
-            c.execute(sa.text("drop table pg_blame_off"))
+    with engine.begin() as rogue:
+        rogue.execute(sa.text("update pg_blame_off set n = 1 where id = 1"))
+        starter = queued_writers(engine, "pg_blame_off", 6, 0.25, errors)
+        with pytest.raises(QueryTimeout):
+            rogue.execute(sa.text("select pg_sleep(5)"))
+    starter.join(15)
+    assert len(errors) >= 3
+    assert guard.stats()["lock_holders_blamed"] == 0
+    assert guard.quarantined() == []  # one own time-out of three
 
 
 async def test_asyncpg_lock_holder_is_blamed(make_guard: MakeGuard, pg_async_url: str) -> None:
