@@ -113,7 +113,8 @@ def test_lock_victim_under_a_deadline_earns_no_strike(
                 c.execute(sa.text("update my_lock_v set n = 2 where id = 1"))
         waited = time.monotonic() - t0
     assert ei.value.cause == cause
-    assert ei.value.timeout == pytest.approx(limit, abs=0.05)
+    # The time left when the statement started; InnoDB's lock wait is whole seconds.
+    assert limit - 0.3 <= ei.value.timeout <= limit
     assert waited < limit + 0.5
     assert len(guard.quarantined()) == strikes
     with engine.connect() as c:  # the session's lock wait is untouched

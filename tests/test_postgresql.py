@@ -429,8 +429,9 @@ def test_lock_victim_under_a_nearly_spent_deadline_fails_as_a_lock_wait(
                 c.execute(sa.text("update pg_lock_v set n = 2 where id = 1"))
         waited = time.monotonic() - t0
     assert ei.value.cause == "lock"
-    assert ei.value.timeout == pytest.approx(0.2, abs=0.02)
-    assert 0.15 <= waited < 0.4
+    # Half the time left when the statement started (the deadline ticks during checkout).
+    assert 0.1 <= ei.value.timeout <= 0.2
+    assert ei.value.timeout * 0.9 <= waited < 0.7
     assert guard.quarantined() == []
     with engine.connect() as c:  # the pooled connection is back at the session defaults
         assert c.execute(sa.text("show lock_timeout")).scalar() == "2500ms"
