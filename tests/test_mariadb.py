@@ -165,3 +165,19 @@ def test_lock_holder_is_blamed_and_cancelled(
         # caught the error and committed its update (n = 1); writers that outlived the
         # rogue added 100 each after it.
         assert c.execute(sa.text("select n from my_blame_t")).scalar() % 100 == 1
+
+
+def test_connection_ids_are_trusted_only_when_the_server_confirms_them(
+    make_guard: MakeGuard, mariadb_url: str
+) -> None:
+    """Behind ProxySQL or MaxScale the handshake's id is the proxy's: KILL QUERY sent to it
+    could stop another client's statement. It is used only when CONNECTION_ID() agrees."""
+    from poolguard.dialects.base import SERVER_ID
+
+    engine = sa.create_engine(mariadb_url, pool_size=1, max_overflow=0)
+    guard = make_guard(engine)
+    with engine.connect() as c:
+        server_id = c.execute(sa.text("select connection_id()")).scalar()
+        assert c.connection.info["poolguard.backend_pid"] == server_id
+        raw = c.connection.dbapi_connection
+        assert guard.enforcer.backend_pid(raw, {SERVER_ID: server_id + 1}) is None

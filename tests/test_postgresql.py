@@ -617,3 +617,54 @@ async def test_asyncpg_quarantine_cancels_running_executions(
             assert (await c.execute(sa.text("select 1"))).scalar() == 1
     finally:
         await engine.dispose()
+
+
+def test_session_ids_are_trusted_only_when_the_server_confirms_them(
+    make_guard: MakeGuard, pg_url: str
+) -> None:
+    """Behind a pooler the driver's pid is the pooler's: a cancel sent to it could stop
+    another client's statement. The id is used only when the server reported the same."""
+    from poolguard.dialects.base import SERVER_ID
+
+    engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
+    guard = make_guard(engine)
+    with engine.connect() as c:
+        server_pid = c.execute(sa.text("select pg_backend_pid()")).scalar()
+        assert c.connection.info["poolguard.backend_pid"] == server_pid
+        raw = c.connection.dbapi_connection
+        assert guard.enforcer.backend_pid(raw, {SERVER_ID: server_pid}) == server_pid
+        assert guard.enforcer.backend_pid(raw, {SERVER_ID: server_pid + 1}) is None
+        assert guard.enforcer.backend_pid(raw, {}) is None
+
+
+def test_transaction_mode_never_cancels_by_pid(make_guard: MakeGuard, pg_url: str) -> None:
+    """pg_timeout_mode="transaction" means PgBouncer: backend pids mean nothing there, so a
+    quarantine leaves the running copies to their own time-out."""
+    engine = sa.create_engine(pg_url, pool_size=4, max_overflow=0)
+    guard = make_guard(
+        engine,
+        statement_timeout=1.5,
+        quarantine_threshold=1,
+        partition_share=1.0,
+        pg_timeout_mode="transaction",
+    )
+    slow = sa.text("select pg_sleep(:s)")
+    outcome: list[BaseException] = []
+
+    def long_run() -> None:
+        try:
+            with engine.connect() as c:
+                c.execute(slow, {"s": 10})
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=long_run)
+    t.start()
+    time.sleep(0.3)
+    with pytest.raises(QueryTimeout), guard.budget(statement_timeout=0.3), engine.connect() as c:
+        c.execute(slow, {"s": 10})
+    t.join(10)
+    assert len(guard.quarantined()) == 1
+    [err] = outcome
+    assert isinstance(err, QueryTimeout) and err.cause == "statement"  # its own time-out
+    assert guard.stats()["quarantined_cancelled"] == 0

@@ -264,6 +264,7 @@ class PoolGuard:
         #: Also only where sessions have ids poolguard can name to the server.
         self.cancel_quarantined = cancel_quarantined and self.enforcer.can_blame
         self._track_pids = self.blame_lock_holders or self.cancel_quarantined
+        self.enforcer.verify_ids = self._track_pids
         self._blame = LockBlame()
         with _option_prefix("quarantine_"):
             self.quarantine = Quarantine(
@@ -591,7 +592,7 @@ class PoolGuard:
             fairy.close()
             raise
         if self._track_pids:
-            info[_PID_KEY] = self.enforcer.backend_pid(fairy.dbapi_connection)
+            info[_PID_KEY] = self.enforcer.backend_pid(fairy.dbapi_connection, info)
         info[_READY] = self._token
         if info.pop("poolguard.created_at", None) is not None:
             self.telemetry.connection_created(time.monotonic() - now)

@@ -57,9 +57,18 @@ class Enforcer:
     #: True when the server can say who blocks a lock waiter (see poolguard.blame) and can
     #: cancel another session's statement: both need the sessions' ids.
     can_blame = False
+    #: Set by the guard when it will use session ids: ``on_connect`` then also reads the id
+    #: the server gives the session, to check the driver's against it.
+    verify_ids = False
 
-    def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
-        """The server session's id as the driver knows it (no round trip), or None."""
+    def backend_pid(self, dbapi_connection: DBAPIConnection, info: dict[Any, Any]) -> int | None:
+        """The server session's id, or None when it cannot be trusted.
+
+        The driver knows an id from the handshake (no round trip), but behind a pooler
+        (PgBouncer, ProxySQL) that id is the pooler's, not the server's: a cancel sent to it
+        could stop another client's statement. So it is used only when it matches what the
+        server itself said in ``on_connect`` (stored in ``info`` under :data:`SERVER_ID`).
+        """
         return None
 
     def blocking_pids(self, dbapi_connection: DBAPIConnection) -> list[int]:
@@ -96,6 +105,17 @@ class ClientSideOnly(Enforcer):
     def __init__(self, dialect_name: str) -> None:
         self.name = dialect_name
         self.session_baseline = False
+
+
+#: Where ``on_connect`` keeps the session id the server reported, in the record's info.
+SERVER_ID = "poolguard.server_session_id"
+
+
+def trusted_id(driver_id: object, info: dict[Any, Any]) -> int | None:
+    """The driver's session id if the server reported the same one, else None."""
+    if isinstance(driver_id, int) and driver_id == info.get(SERVER_ID):
+        return driver_id
+    return None
 
 
 def query(dbapi_connection: Any, sql: str) -> list[Any]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
 
-from .base import Enforcer, ms, query
+from .base import SERVER_ID, Enforcer, ms, query, trusted_id
 
 _MARIADB_TIMEOUT = 1969  # ER_STATEMENT_TIMEOUT
 _MYSQL_TIMEOUT = 3024  # ER_QUERY_TIMEOUT
@@ -54,6 +54,9 @@ class MySQLEnforcer(Enforcer):
         self, dbapi_connection: DBAPIConnection, info: dict[Any, Any], default_timeout: float | None
     ) -> None:
         mariadb = self._detect(dbapi_connection)
+        if self.verify_ids:
+            rows = query(dbapi_connection, "SELECT CONNECTION_ID()")
+            info[SERVER_ID] = int(rows[0][0]) if rows else None
         cur = dbapi_connection.cursor()
         try:
             if self._session_lock is not None:
@@ -104,12 +107,11 @@ class MySQLEnforcer(Enforcer):
     #: blocks whom is asked of MariaDB only (MySQL 8 moved it to performance_schema).
     can_blame = True
 
-    def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
+    def backend_pid(self, dbapi_connection: DBAPIConnection, info: dict[Any, Any]) -> int | None:
         raw: Any = dbapi_connection
         inner: Any = getattr(raw, "_connection", raw)  # SQLAlchemy's aiomysql adapter
         thread_id = getattr(inner, "thread_id", None)
-        pid = thread_id() if callable(thread_id) else None
-        return pid if isinstance(pid, int) else None
+        return trusted_id(thread_id() if callable(thread_id) else None, info)
 
     def blocking_pids(self, dbapi_connection: DBAPIConnection) -> list[int]:
         if not self.is_mariadb:

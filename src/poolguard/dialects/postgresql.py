@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
 
-from .base import Enforcer, ms, query
+from .base import SERVER_ID, Enforcer, ms, query, trusted_id
 
 _QUERY_CANCELED = "57014"
 _LOCK_NOT_AVAILABLE = "55P03"
@@ -70,8 +70,11 @@ class PostgreSQLEnforcer(Enforcer):
             settings.append(
                 ("idle_in_transaction_session_timeout", ms(self.idle_in_transaction_timeout))
             )
-        if settings:
-            run_settings(dbapi_connection, settings, local=False)
+        extra = ["pg_backend_pid()"] if self.verify_ids else []
+        if settings or extra:
+            row = run_settings(dbapi_connection, settings, local=False, extra=extra)
+            if extra:
+                info[SERVER_ID] = row[-1]
             # Commit so a later rollback cannot revert the session default.
             dbapi_connection.commit()
 
@@ -127,16 +130,17 @@ class PostgreSQLEnforcer(Enforcer):
 
     can_blame = True
 
-    def backend_pid(self, dbapi_connection: DBAPIConnection) -> int | None:
+    def backend_pid(self, dbapi_connection: DBAPIConnection, info: dict[Any, Any]) -> int | None:
+        # In transaction mode (PgBouncer) nothing is asked at connect: no id is trusted.
         raw: Any = dbapi_connection
-        info = getattr(raw, "info", None)  # psycopg 3
-        pid = getattr(info, "backend_pid", None)
+        conn_info = getattr(raw, "info", None)  # psycopg 3
+        pid = getattr(conn_info, "backend_pid", None)
         if pid is None and hasattr(raw, "get_backend_pid"):  # psycopg2
             pid = raw.get_backend_pid()
         inner: Any = getattr(raw, "_connection", None)  # SQLAlchemy's asyncpg adapter
         if pid is None and hasattr(inner, "get_server_pid"):
             pid = inner.get_server_pid()
-        return pid if isinstance(pid, int) else None
+        return trusted_id(pid, info)
 
     def blocking_pids(self, dbapi_connection: DBAPIConnection) -> list[int]:
         return [int(row[0]) for row in query(dbapi_connection, _BLOCKERS)]
@@ -157,10 +161,18 @@ class PostgreSQLEnforcer(Enforcer):
         return None
 
 
-def run_settings(dbapi_connection: Any, settings: list[tuple[str, int]], *, local: bool) -> None:
+def run_settings(
+    dbapi_connection: Any,
+    settings: list[tuple[str, int]],
+    *,
+    local: bool,
+    extra: list[str] | None = None,
+) -> tuple[Any, ...]:
     """Apply settings in one statement: one round trip, and it works with every driver
     (asyncpg prepares statements, so "SET a; SET b" would not). ``SET`` takes no bind
-    parameters, so values are inlined as validated integers."""
+    parameters, so values are inlined as validated integers. ``extra`` expressions ride
+    along in the same row; the row is returned."""
     scope = "true" if local else "false"
-    calls = ", ".join(f"set_config('{name}', '{int(value)}', {scope})" for name, value in settings)
-    query(dbapi_connection, f"SELECT {calls}")
+    calls = [f"set_config('{name}', '{int(value)}', {scope})" for name, value in settings]
+    rows = query(dbapi_connection, "SELECT " + ", ".join(calls + (extra or [])))
+    return tuple(rows[0]) if rows else ()
