@@ -149,7 +149,12 @@ class PoolGuard:
     the 30 s SQLAlchemy default that turns a slow query into an outage); a connection held
     for 30 s is reported as a probable leak; a partition (route) may hold at most half of
     the pool while others wait; critical work keeps a tenth of the pool (at least one
-    connection when the pool has four or more).
+    connection when the pool has four or more). Where the server can tell (PostgreSQL,
+    MariaDB), a statement that keeps others waiting on its locks is blamed by its victims,
+    and a quarantine cancels the copies of its statement still running: a rogue lock holder
+    is otherwise caught only after three of its own time-outs.
+
+    Every option is described in docs/configuration.md.
     """
 
     def __init__(
