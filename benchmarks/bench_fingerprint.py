@@ -22,9 +22,9 @@ import argparse
 import timeit
 from collections.abc import Callable
 
-from poolguard import fingerprint as fpmod
-from poolguard.fingerprint import fingerprint
-from poolguard.stats import StatsRegistry
+from poolguard.observe import fingerprint as fpmod
+from poolguard.observe.fingerprint import fingerprint
+from poolguard.observe.stats import StatsRegistry
 
 TYPICAL = (
     "SELECT users.id, users.name, users.email, users.created_at, orders.id AS order_id, "

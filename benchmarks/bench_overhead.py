@@ -113,7 +113,7 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from poolguard.guard import PoolGuard
-from poolguard.telemetry import instrumented_by_opentelemetry
+from poolguard.observe.telemetry import instrumented_by_opentelemetry
 
 KINDS: tuple[str, ...] = ("sqlite", "pg", "pg-async", "sqlite-async")
 ASYNC_KINDS = frozenset({"pg-async", "sqlite-async"})
@@ -841,7 +841,7 @@ def _proposed_caller() -> Any:
 
 def _record_without_lock(registry: Any) -> Callable[..., None]:
     """``StatsRegistry.record`` minus ``with row.lock``: measures what the lock costs."""
-    from poolguard import stats as st
+    from poolguard.observe import stats as st
 
     rows = registry._rows
     log2, ceil = math.log2, math.ceil
@@ -987,9 +987,9 @@ def line_timing(number: int) -> dict[str, float]:
     the caches that path leaves behind, which is what they cost an application. Run without
     the guard's ConnectionEvents listeners so that the loop resembles the proposed fix.
     """
-    from poolguard.budget import current_scope as _current_scope
-    from poolguard.fingerprint import fingerprint
+    from poolguard.core.budget import current_scope as _current_scope
     from poolguard.guard import _CONNECTING
+    from poolguard.observe.fingerprint import fingerprint
 
     pc = time.perf_counter_ns
     labels = (
@@ -1099,9 +1099,9 @@ def checkout_line_timing(number: int) -> dict[str, float]:
     connection already prepared) as of this writing, with the readings' own cost subtracted.
     """
     from poolguard import guard as guard_mod
-    from poolguard.budget import _current as scope_var
-    from poolguard.budget import current_scope
-    from poolguard.gate import DEFAULT_PARTITION
+    from poolguard.core.budget import _current as scope_var
+    from poolguard.core.budget import current_scope
+    from poolguard.policy.gate import DEFAULT_PARTITION
 
     pc = time.perf_counter_ns
     acc: dict[str, float] = {}
@@ -1234,8 +1234,8 @@ def _capture(engine: Engine) -> Iterator[dict[str, Any]]:
 
 def isolated_pieces(number: int, otel: Otel) -> dict[str, float]:
     """Each piece alone in timeit's tight loop: lower bounds (hot caches, no neighbours)."""
-    from poolguard.budget import current_scope
-    from poolguard.fingerprint import fingerprint
+    from poolguard.core.budget import current_scope
+    from poolguard.observe.fingerprint import fingerprint
 
     e = create_engine("sqlite://")
     with _capture(e) as got:  # registered before the guard's listener, so it runs first

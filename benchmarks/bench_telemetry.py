@@ -30,7 +30,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 
-from poolguard.telemetry import PoolState, Telemetry
+from poolguard.observe.telemetry import PoolState, Telemetry
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from poolguard import PoolGuard, PoolGuardMiddleware
-from poolguard.middleware import RouteRule
+from poolguard.integrations.asgi.middleware import RouteRule
 
 NAME = "fastapi_async"
 DEFAULT_SQLITE = os.path.join(tempfile.gettempdir(), "poolguard-example-fastapi-async.db")

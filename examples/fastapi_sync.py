@@ -34,7 +34,7 @@ from sqlalchemy import Engine, String, create_engine, func, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from poolguard import PoolGuard, PoolGuardMiddleware
-from poolguard.middleware import RouteRule
+from poolguard.integrations.asgi.middleware import RouteRule
 
 NAME = "fastapi_sync"
 DEFAULT_SQLITE = os.path.join(tempfile.gettempdir(), "poolguard-example-fastapi-sync.db")

@@ -37,7 +37,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Mount, Route
 
 from poolguard import PoolGuard, PoolGuardMiddleware
-from poolguard.middleware import RouteRule
+from poolguard.integrations.asgi.middleware import RouteRule
 
 NAME = "starlette_app"
 DEFAULT_SQLITE = os.path.join(tempfile.gettempdir(), "poolguard-example-starlette.db")

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from poolguard import alerts as alerts_mod
-from poolguard.alerts import Alert, Alerter, SaturationDetector, StormDetector
+from poolguard.observe import alerts as alerts_mod
+from poolguard.observe.alerts import Alert, Alerter, SaturationDetector, StormDetector
 
 
 class Calls:

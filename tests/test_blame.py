@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from poolguard.blame import CACHE_SECONDS, Blocker, LockBlame, Victim, culprits
+from poolguard.policy.blame import CACHE_SECONDS, Blocker, LockBlame, Victim, culprits
 
 ROGUE = Blocker(pid=10, fingerprint="f-rogue", summary="SELECT", running_since=0.0)
 QUICK = Blocker(pid=11, fingerprint="f-quick", summary="UPDATE t", running_since=0.9)

@@ -10,7 +10,7 @@ import pytest
 from starlette.concurrency import run_in_threadpool
 
 from poolguard import Budget, BudgetExceeded
-from poolguard.budget import current_scope, scope_context
+from poolguard.core.budget import current_scope, scope_context
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from poolguard.check import (
+from poolguard.tools.check import (
     APPLICATION_NAME,
     CheckError,
     Fleet,
@@ -21,7 +21,7 @@ from poolguard.check import (
     safe_url,
     sanitize,
 )
-from poolguard.cli import main
+from poolguard.tools.cli import main
 
 SECRET = "s3cr3t"
 

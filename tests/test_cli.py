@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from poolguard.cli import main
+from poolguard.tools.cli import main
 
 
 def console_script() -> str:
@@ -59,7 +59,7 @@ def test_a_bad_argument_is_one_line_and_exit_2() -> None:
 
 def test_module_entry_point() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "poolguard.cli", "--version"],
+        [sys.executable, "-m", "poolguard", "--version"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -103,9 +103,9 @@ def test_demo_passes_its_arguments_through_in_order(monkeypatch: pytest.MonkeyPa
         seen.append(argv)
         return 7
 
-    fake = types.ModuleType("poolguard.demo")
+    fake = types.ModuleType("poolguard.tools.demo")
     fake.main = fake_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "poolguard.demo", fake)
+    monkeypatch.setitem(sys.modules, "poolguard.tools.demo", fake)
     assert main(["demo", "--rate", "5", "slow", "--help"]) == 7
     assert main(["demo"]) == 7
     assert seen == [["--rate", "5", "slow", "--help"], []]
@@ -114,7 +114,7 @@ def test_demo_passes_its_arguments_through_in_order(monkeypatch: pytest.MonkeyPa
 def test_demo_unavailable_is_one_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setitem(sys.modules, "poolguard.demo", None)  # import fails
+    monkeypatch.setitem(sys.modules, "poolguard.tools.demo", None)  # import fails
     assert main(["demo", "--help"]) == 2
     captured = capsys.readouterr()
     assert captured.err == "poolguard demo: not available in this installation\n"

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from poolguard.cli import main
+from poolguard.tools.cli import main
 
 
 def console_script() -> list[str]:
@@ -27,7 +27,7 @@ def console_script() -> list[str]:
         script = directory / "poolguard"
         if script.exists():
             return [str(script)]
-    return [sys.executable, "-m", "poolguard.cli"]
+    return [sys.executable, "-m", "poolguard"]
 
 
 def demo(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

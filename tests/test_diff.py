@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from poolguard import diff
-from poolguard.cli import main
-from poolguard.diff import OVERALL, DiffOptions, compare, parse_report
+from poolguard.tools import diff
+from poolguard.tools.cli import main
+from poolguard.tools.diff import OVERALL, DiffOptions, compare, parse_report
 
 ADDR = "a" * 16
 USERS = "b" * 16

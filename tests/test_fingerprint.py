@@ -13,8 +13,14 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from sqlalchemy.dialects.postgresql import asyncpg, pg8000, psycopg, psycopg2
 
-from poolguard import fingerprint as fpmod
-from poolguard.fingerprint import Fingerprint, cache_clear, cache_info, fingerprint, normalize
+from poolguard.observe import fingerprint as fpmod
+from poolguard.observe.fingerprint import (
+    Fingerprint,
+    cache_clear,
+    cache_info,
+    fingerprint,
+    normalize,
+)
 
 
 def fid(sql: str) -> str:

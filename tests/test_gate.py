@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from poolguard.gate import Gate, Ticket
+from poolguard.policy.gate import Gate, Ticket
 
 NORMAL, CRITICAL, SHEDDABLE = 1, 0, 2
 

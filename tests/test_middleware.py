@@ -37,12 +37,11 @@ from poolguard import (
     PoolSaturated,
     QueryQuarantined,
     QueryTimeout,
-    inflight,
-    middleware,
 )
-from poolguard.budget import current_scope
+from poolguard.core.budget import current_scope
 from poolguard.errors import Shed
-from poolguard.middleware import DEFAULT_DEADLINE, MAX_READ_AHEAD, RouteRule
+from poolguard.integrations.asgi import inflight, middleware
+from poolguard.integrations.asgi.middleware import DEFAULT_DEADLINE, MAX_READ_AHEAD, RouteRule
 
 MakeGuard = Callable[..., Any]
 

@@ -28,8 +28,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
 from poolguard import PoolGuardMiddleware
-from poolguard.budget import current_scope
-from poolguard.middleware import RouteRule, _header_deadline
+from poolguard.core.budget import current_scope
+from poolguard.integrations.asgi.middleware import RouteRule, _header_deadline
 
 MakeGuard = Callable[..., Any]
 Calls = list[tuple[str, dict[str, Any]]]

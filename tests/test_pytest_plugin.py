@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from poolguard import cli
-from poolguard.diff import load_report
-from poolguard.pytest_plugin import listeners_installed
+from poolguard.integrations.pytest_plugin import listeners_installed
+from poolguard.tools import cli
+from poolguard.tools.diff import load_report
 
 pytest_plugins = ["pytester"]
 
@@ -87,7 +87,7 @@ def _plugin_listeners() -> list[object]:
             fn
             for name in ("before_cursor_execute", "after_cursor_execute")
             for fn in getattr(engine.dispatch, name)
-            if getattr(fn, "__module__", "") == "poolguard.pytest_plugin"
+            if getattr(fn, "__module__", "") == "poolguard.integrations.pytest_plugin"
         ]
     finally:
         engine.dispose()
@@ -116,7 +116,7 @@ def test_marker_within_budget_passes_and_listeners_live_only_during_the_test(
         """
         import pytest
         import sqlalchemy as sa
-        from poolguard.pytest_plugin import listeners_installed
+        from poolguard.integrations.pytest_plugin import listeners_installed
 
         @pytest.mark.query_budget(max_statements=3, max_repeats=1, max_db_time=5.0)
         def test_ok(engine):
@@ -304,7 +304,7 @@ def test_fixture_records_the_body_and_checks_blocks(suite: pytest.Pytester) -> N
         import pytest
         import sqlalchemy as sa
         from conftest import n_plus_one
-        from poolguard.pytest_plugin import QueryBudgetExceeded
+        from poolguard.integrations.pytest_plugin import QueryBudgetExceeded
 
         def test_numbers(engine, query_budget):
             assert query_budget.statements == 0  # the seeding in setup is not counted
@@ -453,7 +453,7 @@ def test_plugin_is_inert_unless_asked_for(suite: pytest.Pytester) -> None:
     suite.makepyfile(
         """
         import sqlalchemy as sa
-        from poolguard.pytest_plugin import listeners_installed
+        from poolguard.integrations.pytest_plugin import listeners_installed
 
         def test_plain(engine, request):
             assert request.config.pluginmanager.hasplugin("poolguard")

@@ -19,8 +19,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-import poolguard.quarantine as quarantine_module
-from poolguard.quarantine import (
+import poolguard.policy.quarantine as quarantine_module
+from poolguard.policy.quarantine import (
     MAX_TRACKED,
     PROBE_RETRY,
     Quarantine,

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from poolguard.budget import PRIORITY_RANK
-from poolguard.shedding import (
+from poolguard.core.budget import PRIORITY_RANK
+from poolguard.policy.shedding import (
     ADMIT,
     ESCALATE_INTERVALS,
     MAX_RETRY_AFTER,

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from poolguard.fingerprint import Fingerprint, fingerprint
-from poolguard.stats import OTHER, StatsRegistry
+from poolguard.observe.fingerprint import Fingerprint, fingerprint
+from poolguard.observe.stats import OTHER, StatsRegistry
 
 STEP = 2 ** (1 / 4)  # the histogram's bucket growth factor
 

@@ -38,7 +38,7 @@ from sqlalchemy import exc as sa_exc
 
 import poolguard
 from poolguard.errors import PoolSaturated, QueryQuarantined, QueryTimeout
-from poolguard.telemetry import (
+from poolguard.observe.telemetry import (
     SCHEMA_URL,
     PoolState,
     Telemetry,
@@ -890,8 +890,9 @@ def test_other_listeners_are_not_mistaken_for_it() -> None:
 
 
 def test_works_with_the_real_fingerprint_and_transition(otel: Otel) -> None:
-    fp_mod = pytest.importorskip("poolguard.fingerprint")
-    q_mod = pytest.importorskip("poolguard.quarantine")
+    import poolguard.observe.fingerprint as fp_mod
+    import poolguard.policy.quarantine as q_mod
+
     fp = fp_mod.fingerprint(
         "SELECT * FROM users WHERE email = 'alice@example.com' AND id IN (1, 2)"
     )

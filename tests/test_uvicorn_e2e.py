@@ -22,8 +22,8 @@ from fastapi import FastAPI, Request
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from poolguard import PoolGuardMiddleware
-from poolguard.budget import current_scope
-from poolguard.middleware import RouteRule
+from poolguard.core.budget import current_scope
+from poolguard.integrations.asgi.middleware import RouteRule
 
 MakeGuard = Callable[..., Any]
 

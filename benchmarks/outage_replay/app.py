@@ -57,7 +57,7 @@ def tuned_settings() -> tuple[dict[str, Any], dict[str, Any]]:
     a 1 s statement time-out is ten times headroom; a request that has not had a connection
     within 0.25 s will not meet its users' expectations anyway; no request needs more than 2 s.
     """
-    from poolguard.middleware import RouteRule
+    from poolguard.integrations.asgi.middleware import RouteRule
 
     guard_kwargs: dict[str, Any] = {"statement_timeout": 1.0, "checkout_timeout": 0.25}
     middleware_kwargs: dict[str, Any] = {

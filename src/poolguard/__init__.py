@@ -5,8 +5,8 @@ Public names only; see docs/ for the concepts and the configuration reference.
 
 from typing import TYPE_CHECKING
 
-from .budget import Budget
-from .errors import (
+from poolguard.core.budget import Budget
+from poolguard.errors import (
     BudgetExceeded,
     PoolGuardError,
     PoolSaturated,
@@ -23,24 +23,25 @@ __all__ = [
     "PoolSaturated",
     "QueryQuarantined",
     "QueryTimeout",
+    "RouteRule",
 ]
 
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # type checkers see the real classes; at run time they load on first use
-    from .guard import PoolGuard
-    from .middleware import PoolGuardMiddleware
+    from poolguard.guard import PoolGuard
+    from poolguard.integrations.asgi.middleware import PoolGuardMiddleware, RouteRule
 
 
 def __getattr__(name: str) -> object:
     # PoolGuard and the middleware import SQLAlchemy's engine and Starlette; load them on
-    # first use so that `import poolguard.fingerprint` (the pytest plugin, the CLI) stays light.
+    # first use so that `import poolguard.observe.fingerprint` (the pytest plugin, the CLI) stays light.
     if name == "PoolGuard":
-        from .guard import PoolGuard
+        from poolguard.guard import PoolGuard
 
         return PoolGuard
-    if name == "PoolGuardMiddleware":
-        from .middleware import PoolGuardMiddleware
+    if name in ("PoolGuardMiddleware", "RouteRule"):
+        from poolguard.integrations.asgi import middleware
 
-        return PoolGuardMiddleware
+        return getattr(middleware, name)
     raise AttributeError(f"module 'poolguard' has no attribute {name!r}")

@@ -38,19 +38,30 @@ from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
 
-from .alerts import Alert, Alerter, SaturationDetector, StormDetector
-from .blame import Blocker, LockBlame, Victim
-from .budget import PRIORITY_RANK, Budget, BudgetScope, _check_seconds, scope_context
-from .budget import _current as _scope_var
-from .budget import current_scope as _current_scope
-from .dialects import Enforcer, enforcer_for
-from .errors import BudgetExceeded, PoolGuardError, PoolSaturated, QueryQuarantined, QueryTimeout
-from .fingerprint import Fingerprint, fingerprint
-from .gate import DEFAULT_PARTITION, Gate, Ticket
-from .quarantine import Quarantine, Transition
-from .shedding import CoDelShedder, Decision, estimate_retry_after
-from .stats import StatsRegistry
-from .telemetry import PoolState, Telemetry, db_system_name, instrumented_by_opentelemetry
+from poolguard.core.budget import PRIORITY_RANK, Budget, BudgetScope, _check_seconds, scope_context
+from poolguard.core.budget import _current as _scope_var
+from poolguard.core.budget import current_scope as _current_scope
+from poolguard.dialects import Enforcer, enforcer_for
+from poolguard.errors import (
+    BudgetExceeded,
+    PoolGuardError,
+    PoolSaturated,
+    QueryQuarantined,
+    QueryTimeout,
+)
+from poolguard.observe.alerts import Alert, Alerter, SaturationDetector, StormDetector
+from poolguard.observe.fingerprint import Fingerprint, fingerprint
+from poolguard.observe.stats import StatsRegistry
+from poolguard.observe.telemetry import (
+    PoolState,
+    Telemetry,
+    db_system_name,
+    instrumented_by_opentelemetry,
+)
+from poolguard.policy.blame import Blocker, LockBlame, Victim
+from poolguard.policy.gate import DEFAULT_PARTITION, Gate, Ticket
+from poolguard.policy.quarantine import Quarantine, Transition
+from poolguard.policy.shedding import CoDelShedder, Decision, estimate_retry_after
 
 __all__ = ["PoolGuard"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Dialect
 
-from .base import Enforcer
+from poolguard.dialects.base import Enforcer
 
 __all__ = ["Enforcer", "enforcer_for"]
 
@@ -19,7 +19,7 @@ def enforcer_for(
 ) -> Enforcer:
     name = dialect.name
     if name == "postgresql":
-        from .postgresql import PostgreSQLEnforcer
+        from poolguard.dialects.postgresql import PostgreSQLEnforcer
 
         return PostgreSQLEnforcer(
             mode=pg_mode,
@@ -27,13 +27,13 @@ def enforcer_for(
             idle_in_transaction_timeout=idle_in_transaction_timeout,
         )
     if name in ("mysql", "mariadb"):
-        from .mysql import MySQLEnforcer
+        from poolguard.dialects.mysql import MySQLEnforcer
 
         return MySQLEnforcer(lock_timeout=lock_timeout)
     if name == "sqlite":
-        from .sqlite import SQLiteEnforcer
+        from poolguard.dialects.sqlite import SQLiteEnforcer
 
         return SQLiteEnforcer(lock_timeout=lock_timeout)
-    from .base import ClientSideOnly
+    from poolguard.dialects.base import ClientSideOnly
 
     return ClientSideOnly(name)

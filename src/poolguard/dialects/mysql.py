@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
 
-from .base import SERVER_ID, Enforcer, ms, query, trusted_id
+from poolguard.dialects.base import SERVER_ID, Enforcer, ms, query, trusted_id
 
 _MARIADB_TIMEOUT = 1969  # ER_STATEMENT_TIMEOUT
 _MYSQL_TIMEOUT = 3024  # ER_QUERY_TIMEOUT

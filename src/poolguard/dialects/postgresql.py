@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
 
-from .base import SERVER_ID, Enforcer, ms, query, trusted_id
+from poolguard.dialects.base import SERVER_ID, Enforcer, ms, query, trusted_id
 
 _QUERY_CANCELED = "57014"
 _LOCK_NOT_AVAILABLE = "55P03"

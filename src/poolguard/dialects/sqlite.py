@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
 from sqlalchemy.util import await_only
 
-from .base import Enforcer, ms, query
+from poolguard.dialects.base import Enforcer, ms, query
 
 _CELL_KEY = "poolguard.sqlite_deadline"
 #: VM instructions between checks: about every 10-100 us of work, invisible on short statements.

@@ -34,8 +34,8 @@ from opentelemetry import metrics, trace
 from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from . import __version__
-from .errors import PoolGuardError, QueryTimeout
+from poolguard import __version__
+from poolguard.errors import PoolGuardError, QueryTimeout
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider

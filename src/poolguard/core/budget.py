@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from .errors import BudgetExceeded
+from poolguard.errors import BudgetExceeded
 
 __all__ = ["PRIORITIES", "Budget", "BudgetScope", "current_scope", "scope_context"]
 

@@ -80,8 +80,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from .guard import PoolGuard
-from .middleware import PoolGuardMiddleware
+from poolguard.guard import PoolGuard
+from poolguard.integrations.asgi.middleware import PoolGuardMiddleware
 
 __all__ = ["main"]
 

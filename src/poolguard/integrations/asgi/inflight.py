@@ -11,10 +11,10 @@ import threading
 import weakref
 from typing import TYPE_CHECKING
 
-from .budget import PRIORITY_RANK
+from poolguard.core.budget import PRIORITY_RANK
 
 if TYPE_CHECKING:
-    from .guard import PoolGuard
+    from poolguard.guard import PoolGuard
 
 __all__ = ["InFlight", "in_flight_for"]
 

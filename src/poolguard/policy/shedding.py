@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .budget import PRIORITIES, PRIORITY_RANK
+from poolguard.core.budget import PRIORITIES, PRIORITY_RANK
 
 __all__ = [
     "ADMIT",

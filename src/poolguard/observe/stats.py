@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import cast
 
-from .fingerprint import Fingerprint
+from poolguard.observe.fingerprint import Fingerprint
 
 __all__ = ["OTHER", "StatsRegistry"]
 

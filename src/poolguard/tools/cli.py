@@ -27,13 +27,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _version() -> str:
-    from . import __version__
+    from poolguard import __version__
 
     return __version__
 
 
 def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    from . import check, diff
+    from poolguard.tools import check, diff
 
     parser = _Parser(
         prog="poolguard",
@@ -74,7 +74,7 @@ def _run_demo(argv: list[str]) -> int:
     try:
         demo = importlib.import_module(".demo", __package__)
     except ImportError as e:
-        missing = f" ({e.name} is missing)" if e.name and e.name != "poolguard.demo" else ""
+        missing = f" ({e.name} is missing)" if e.name and e.name != "poolguard.tools.demo" else ""
         print(f"poolguard demo: not available in this installation{missing}", file=sys.stderr)
         return 2
     demo_main: Callable[[list[str]], int] = demo.main
@@ -101,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if args.command == "check":
-        from . import check
+        from poolguard.tools import check
 
         return check.run(args)
-    from . import diff
+    from poolguard.tools import diff
 
     return diff.run(args)
 

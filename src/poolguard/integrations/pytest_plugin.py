@@ -52,8 +52,8 @@ import pytest
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from .diff import REPORT_VERSION
-from .fingerprint import Fingerprint, fingerprint
+from poolguard.observe.fingerprint import Fingerprint, fingerprint
+from poolguard.tools.diff import REPORT_VERSION
 
 __all__ = [
     "FingerprintStats",

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from .budget import PRIORITY_RANK
+from poolguard.core.budget import PRIORITY_RANK
 
 __all__ = ["DEFAULT_PARTITION", "Gate", "GateSnapshot", "Ticket"]
 

@@ -1,0 +1,1 @@
+"""The command line: ``poolguard check``, ``poolguard diff`` and ``poolguard demo``."""
