@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # type checkers see the real classes; at run time they load o
 
 def __getattr__(name: str) -> object:
     # PoolGuard and the middleware import SQLAlchemy's engine and Starlette; load them on
-    # first use so that `import poolguard.observe.fingerprint` (the pytest plugin, the CLI) stays light.
+    # first use so that `import poolguard.observe.fingerprint` (the pytest plugin, the CLI)
+    # stays light.
     if name == "PoolGuard":
         from poolguard.guard import PoolGuard
 

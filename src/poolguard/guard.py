@@ -17,6 +17,7 @@ Where each part hooks in, and why there:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import sys
 import threading
@@ -24,8 +25,8 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from types import CodeType, FrameType
-from typing import Any, Literal, TypeVar
+from types import CodeType
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
@@ -33,7 +34,6 @@ from sqlalchemy import event
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
-from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
@@ -41,6 +41,7 @@ from sqlalchemy.util.concurrency import in_greenlet
 from poolguard.core.budget import PRIORITY_RANK, Budget, BudgetScope, _check_seconds, scope_context
 from poolguard.core.budget import _current as _scope_var
 from poolguard.core.budget import current_scope as _current_scope
+from poolguard.core.origin import checkout_origin
 from poolguard.dialects import Enforcer, enforcer_for
 from poolguard.errors import (
     BudgetExceeded,
@@ -63,6 +64,11 @@ from poolguard.policy.gate import DEFAULT_PARTITION, Gate, Ticket
 from poolguard.policy.quarantine import Quarantine, Transition
 from poolguard.policy.shedding import CoDelShedder, Decision, estimate_retry_after
 
+if TYPE_CHECKING:
+    # Only for annotations: importing SQLAlchemy's asyncio extension needs greenlet, which a
+    # core install (SQLAlchemy 2.1 no longer pulls it in) does not have.
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 __all__ = ["PoolGuard"]
 
 log = logging.getLogger("poolguard")
@@ -82,18 +88,6 @@ _MAX_SHEDDERS = 1000
 #: Stands in for the budget scope while the pool creates a connection: statements run then
 #: (the dialect's first-connect queries, users' connect listeners) are the connection's own.
 _CONNECTING = BudgetScope(Budget())
-_SKIP_MODULES = (
-    "sqlalchemy",
-    "poolguard",
-    "contextlib",
-    "asyncio",
-    "greenlet",
-    "anyio",
-    "starlette",
-    "fastapi",
-    "concurrent",
-    "threading",
-)
 
 
 @dataclass(eq=False)
@@ -119,36 +113,6 @@ class _Hold:
             return "<unknown>"
         code, line = self.origin
         return f"{code.co_filename}:{line} in {code.co_name}"
-
-
-#: Per code object, whether it belongs to the layers ``_caller`` skips: a web request's
-#: checkout sits under tens of framework frames, and a dict lookup per frame is cheaper than
-#: reading the module name and matching prefixes. Keyed by id (hashing a code object hashes
-#: its bytecode); the entry keeps its code object alive, so the id cannot be reused while it
-#: is cached. Cleared when full (code made at run time could otherwise grow it).
-_skip_cache: dict[int, tuple[CodeType, bool]] = {}
-_SKIP_CACHE_MAX = 4096
-
-
-def _caller() -> tuple[CodeType, int] | None:
-    """The first frame outside the database and framework layers: where a checkout began.
-    Kept as code object and line (no locals, unlike a frame); formatted on demand."""
-    f: FrameType | None = sys._getframe(2)
-    cache = _skip_cache
-    while f is not None:
-        code = f.f_code
-        entry = cache.get(id(code))
-        if entry is not None and entry[0] is code:
-            skip = entry[1]
-        else:
-            if len(cache) >= _SKIP_CACHE_MAX:
-                cache.clear()
-            skip = f.f_globals.get("__name__", "").startswith(_SKIP_MODULES)
-            cache[id(code)] = (code, skip)
-        if not skip:
-            return code, f.f_lineno
-        f = f.f_back
-    return None
 
 
 class PoolGuard:
@@ -201,14 +165,7 @@ class PoolGuard:
         meter_provider: MeterProvider | None = None,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
-        if isinstance(engine, AsyncEngine):
-            sync_engine = engine.sync_engine
-        elif isinstance(engine, Engine):
-            sync_engine = engine
-        else:
-            raise TypeError(
-                f"engine must be a sqlalchemy Engine or AsyncEngine, got {type(engine).__name__}"
-            )
+        sync_engine = _sync_engine_of(engine)
         self.statement_timeout: float = _check_seconds(  # type: ignore[assignment]
             "statement_timeout", statement_timeout, allow_none=False
         )
@@ -588,7 +545,7 @@ class PoolGuard:
             if scope is not None:
                 scope.release_connection()
             return fairy
-        self._held[record] = _Hold(ticket, scope, ticket.acquired_at, _caller())
+        self._held[record] = _Hold(ticket, scope, ticket.acquired_at, checkout_origin())
         info = fairy.info
         if info.get(_READY) is not self._token:
             self._prepare_connection(fairy, info, now)
@@ -1021,6 +978,29 @@ def _option_prefix(prefix: str) -> Iterator[None]:
         yield
     except (TypeError, ValueError) as e:
         raise type(e)(f"{prefix}{e}") from None
+
+
+def _sync_engine_of(engine: object) -> Engine:
+    """The Engine behind ``engine``. An AsyncEngine can only exist once SQLAlchemy's asyncio
+    extension was imported, so it is looked up in ``sys.modules`` rather than imported."""
+    if isinstance(engine, Engine):
+        return engine
+    ext = sys.modules.get("sqlalchemy.ext.asyncio")
+    if ext is not None and isinstance(engine, ext.AsyncEngine):
+        _require_greenlet()
+        sync: Engine = engine.sync_engine
+        return sync
+    raise TypeError(
+        f"engine must be a sqlalchemy Engine or AsyncEngine, got {type(engine).__name__}"
+    )
+
+
+def _require_greenlet() -> None:
+    if importlib.util.find_spec("greenlet") is None:
+        raise ImportError(
+            "guarding an AsyncEngine needs greenlet: pip install 'poolguard[asyncio]' "
+            "(or 'sqlalchemy[asyncio]')"
+        )
 
 
 def _pool_capacity(pool: Pool) -> int:
