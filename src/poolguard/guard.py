@@ -69,7 +69,7 @@ if TYPE_CHECKING:
     # core install (SQLAlchemy 2.1 no longer pulls it in) does not have.
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-__all__ = ["PoolGuard"]
+__all__ = ["PoolGuard", "active_guards"]
 
 log = logging.getLogger("poolguard")
 
@@ -113,6 +113,12 @@ class _Hold:
             return "<unknown>"
         code, line = self.origin
         return f"{code.co_filename}:{line} in {code.co_name}"
+
+
+def active_guards() -> list[PoolGuard]:
+    """Every guard installed and not closed (the test suite's leak check reads it)."""
+    with _guards_lock:
+        return list(_guards.values())
 
 
 class PoolGuard:
