@@ -1,17 +1,24 @@
 """The gate on its own: bounded waits, partition caps, the critical reserve, async waiters
 that never block the loop and give their place back when cancelled, and a randomised check
-of its accounting."""
+of its accounting; waiters interrupted by a signal handler, and waits longer than the OS
+can take in one call."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import math
+import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
+import sqlalchemy as sa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from poolguard import PoolGuard
 from poolguard.policy.gate import Gate, Ticket
 
 NORMAL, CRITICAL, SHEDDABLE = 1, 0, 2
@@ -344,3 +351,120 @@ def test_lone_partition_may_use_the_whole_pool() -> None:
     for t in held:
         g.release(t)
     assert_empty(g)
+
+
+# -- a waiter interrupted inside the wait; timeouts past what the OS can wait ------------------
+
+
+class SoftTimeLimit(Exception):
+    """What Celery's soft time limit raises from its SIGALRM handler (KeyboardInterrupt for
+    Ctrl-C is the same case: an exception raised by a signal handler inside the wait)."""
+
+
+@contextlib.contextmanager
+def interrupt_after(seconds: float, exc: type[BaseException] = SoftTimeLimit) -> Iterator[None]:
+    def handler(signum: int, frame: object) -> None:
+        raise exc("interrupted in the wait")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _wait_interrupted(g: Gate, exc: type[BaseException]) -> None:
+    with pytest.raises(exc), interrupt_after(0.1, exc):
+        g.acquire("p", NORMAL, 30.0)
+
+
+@pytest.mark.parametrize("exc", [SoftTimeLimit, KeyboardInterrupt])
+def test_interrupted_thread_waiter_leaves_nothing_behind(exc: type[BaseException]) -> None:
+    g = Gate(1)
+    held = g.acquire("p", NORMAL, 0.1)
+    assert held is not None
+    _wait_interrupted(g, exc)
+    assert (g.held, g.waiting) == (1, 0)  # no waiter left queued
+    g.release(held)
+    # No ghost was granted the freed slot: the next caller gets it at once.
+    assert_empty(g)
+    again = g.acquire("p", NORMAL, 0.0)
+    assert again is not None
+    g.release(again)
+    assert_empty(g)
+    assert g.granted_total == g.released_total
+
+
+@pytest.mark.parametrize("timeout", [1e10, 1e300, math.inf])
+def test_any_positive_timeout_waits_and_is_granted(timeout: float) -> None:
+    """threading refuses waits past TIMEOUT_MAX (and past time_t: 1e10 s) with OverflowError;
+    the gate waits in steps instead, and a release still wakes the waiter at once."""
+    g = Gate(1)
+    held = g.acquire("p", NORMAL, 0.1)
+    got: list[Ticket | BaseException | None] = []
+
+    def wait() -> None:
+        try:
+            got.append(g.acquire("p", NORMAL, timeout))
+        except BaseException as e:  # the failure being tested for: reported, not hidden
+            got.append(e)
+
+    th = threading.Thread(target=wait)
+    th.start()
+    while g.waiting == 0 and not got:
+        time.sleep(0.001)
+    g.release(held)  # type: ignore[arg-type]
+    th.join(10)
+    assert got and isinstance(got[0], Ticket), got
+    g.release(got[0])
+    assert_empty(g)
+
+
+@pytest.mark.parametrize("timeout", [1e10, math.inf])
+async def test_any_positive_timeout_async(timeout: float) -> None:
+    g = Gate(1)
+    held = await g.acquire_async("p", NORMAL, 0.1)
+    waiter = asyncio.create_task(g.acquire_async("p", NORMAL, timeout))
+    while g.waiting == 0 and not waiter.done():
+        await asyncio.sleep(0.001)
+    g.release(held)  # type: ignore[arg-type]
+    t = await asyncio.wait_for(waiter, 10)
+    assert t is not None
+    g.release(t)
+    assert_empty(g)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def one_slot_engine(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[sa.Engine]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/gate.db"
+    else:
+        url = request.getfixturevalue("pg_url")
+    eng = sa.create_engine(url, poolclass=sa.QueuePool, pool_size=1, max_overflow=0)
+    yield eng
+    eng.dispose()
+
+
+def test_checkout_interrupted_at_the_gate_keeps_the_pool_usable(
+    one_slot_engine: sa.Engine,
+) -> None:
+    """Through a real guard: a checkout interrupted while it waits for the one connection
+    (Celery's soft time limit) must not leave a slot that nobody owns: with pool_size=1 that
+    slot was the whole pool, and every later checkout was refused as saturated."""
+    guard = PoolGuard(one_slot_engine, checkout_timeout=30.0)
+    try:
+        first = one_slot_engine.connect()
+        first.execute(sa.text("SELECT 1"))
+        with pytest.raises(SoftTimeLimit), interrupt_after(0.1):
+            one_slot_engine.connect()
+        assert (guard.gate.held, guard.gate.waiting) == (1, 0)
+        assert guard.checked_out == 1
+        first.close()
+        assert (guard.gate.held, guard.gate.waiting) == (0, 0)
+        with one_slot_engine.connect() as c:
+            assert c.execute(sa.text("SELECT 1")).scalar() == 1
+        assert guard.stats()["gate"]["held"] == 0
+    finally:
+        guard.close()

@@ -29,6 +29,9 @@ DEFAULT_PARTITION = "default"
 ACTIVE = 1.0
 _MAX_TRACKED = 1024
 _CRITICAL = PRIORITY_RANK["critical"]
+#: The longest single wait on a lock or a future: far below ``threading.TIMEOUT_MAX`` and the
+#: platform's ``time_t``, far above any sensible checkout bound (longer waits loop).
+_MAX_STEP = 86_400.0
 
 
 class Ticket:
@@ -211,18 +214,22 @@ class Gate:
         self._wake([x for x in woken if x is not w])
         return granted_now
 
-    def _abandon(self, w: _Waiter) -> bool:
-        """A waiter gives up; True if it had been granted meanwhile (it then owns a slot)."""
+    def _abandon(self, w: _Waiter, *, timed_out: bool = True) -> bool:
+        """A waiter gives up; True if it had been granted meanwhile (it then owns a slot).
+
+        ``timed_out`` is False for a waiter that was interrupted or cancelled: it leaves the
+        queue the same way but is not counted as a time-out."""
         with self._lock:
             if w.granted:
                 return True
             q = self._queues[w.rank]
             try:
                 q.remove(w)
-            except ValueError:  # pragma: no cover - defensive: granted is set under the lock
+            except ValueError:  # interrupted before it was queued: nothing to undo
                 return w.granted
             self._dequeue(w)
-            self.timeouts_total += 1
+            if timed_out:
+                self.timeouts_total += 1
             # Removing a waiter can make another partition's waiter eligible.
             woken = self._dispatch()
         self._wake(woken)
@@ -235,14 +242,21 @@ class Gate:
             return t
         start = time.monotonic()
         w = _Waiter(partition, rank, start)
-        w.lock = threading.Lock()
-        w.lock.acquire()
-        if not self._enqueue(w):
-            got = timeout > 0 and w.lock.acquire(timeout=timeout)
-            if not got and not self._abandon(w):
+        lock = w.lock = threading.Lock()
+        lock.acquire()
+        try:
+            if not self._enqueue(w) and not _park(lock, timeout) and not self._abandon(w):
                 return None
-        now = time.monotonic()
-        return Ticket(partition, rank, now - start, now)
+            now = time.monotonic()
+            return Ticket(partition, rank, now - start, now)
+        except BaseException:
+            # An exception raised inside the wait: a signal handler (Celery's soft time
+            # limit, Ctrl-C). Leave the queue, and give back the slot if it was granted
+            # meanwhile: nobody else would ever release it. ``granted`` is the truth, not
+            # the lock: the handler may have run just after the lock was acquired.
+            if self._abandon(w, timed_out=False):
+                self.release_slot(partition)
+            raise
 
     async def acquire_async(self, partition: str, rank: int, timeout: float) -> Ticket | None:
         """As :meth:`acquire`, parking on a future so the event loop keeps running.
@@ -260,15 +274,12 @@ class Gate:
         w.future = loop.create_future()
         if not self._enqueue(w):
             try:
-                if timeout > 0:
-                    await asyncio.wait_for(asyncio.shield(w.future), timeout)
-                else:
-                    raise asyncio.TimeoutError
+                await _park_async(w.future, timeout)
             except (asyncio.TimeoutError, TimeoutError):
                 if not self._abandon(w):
                     return None
             except BaseException:
-                if self._abandon(w):
+                if self._abandon(w, timed_out=False):
                     self.release_slot(partition)
                 raise
         now = time.monotonic()
@@ -359,3 +370,42 @@ class Gate:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _park(lock: threading.Lock, timeout: float) -> bool:
+    """Wait for a granted waiter's lock, up to ``timeout`` seconds (any positive float,
+    ``inf`` included); True when granted.
+
+    One ``Lock.acquire`` cannot wait past ``threading.TIMEOUT_MAX`` nor past what the
+    platform's ``time_t`` holds (1e10 s overflows): longer waits go in steps of
+    :data:`_MAX_STEP`, so a huge ``checkout_timeout`` means "wait", never ``OverflowError``.
+    """
+    if not timeout > 0:  # zero, negative and NaN: no wait
+        return False
+    if timeout <= _MAX_STEP:
+        return lock.acquire(timeout=timeout)
+    end = time.monotonic() + timeout
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            return False
+        if lock.acquire(timeout=min(left, _MAX_STEP)):
+            return True
+
+
+async def _park_async(future: asyncio.Future[None], timeout: float) -> None:
+    """As :func:`_park` for an async waiter; raises ``TimeoutError`` when none came. The
+    future is shielded: a time-out or a cancel leaves it for :meth:`Gate._abandon`."""
+    if not timeout > 0:
+        raise asyncio.TimeoutError
+    end = time.monotonic() + timeout
+    while True:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise asyncio.TimeoutError
+        try:
+            await asyncio.wait_for(asyncio.shield(future), min(left, _MAX_STEP))
+            return
+        except (asyncio.TimeoutError, TimeoutError):
+            if left <= _MAX_STEP:
+                raise
