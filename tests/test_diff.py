@@ -96,25 +96,72 @@ def test_count_tolerances(
 
 
 @pytest.mark.parametrize(
-    ("base_time", "new_time", "options", "regression"),
+    ("base", "new", "options", "regression"),
     [
-        (0.010, 0.020, {}, True),  # x2 > 1.5
-        (0.010, 0.014, {}, False),  # x1.4
-        (0.001, 0.004, {}, False),  # x4, but under the 5 ms noise floor
-        (0.0001, 0.5, {}, True),  # a tiny base is floored, not ignored
-        (0.0001, 0.006, {}, False),  # 6 ms against the 5 ms floor: x1.2
-        (0.010, 0.020, {"duration_threshold": 3.0}, False),
-        (0.001, 0.004, {"min_duration": 0.0}, True),
-        (0.020, 0.010, {}, False),  # faster is never a regression
+        # (count, total seconds) in one test, no histogram: each execution at the mean
+        ((10, 0.050), (10, 0.200), {}, True),  # 5 ms -> 20 ms, ten executions
+        ((5, 0.025), (5, 0.100), {}, True),  # five: just enough evidence
+        ((4, 0.020), (4, 0.080), {}, False),  # four executions: not enough
+        ((4, 0.020), (4, 0.080), {"min_samples": 4}, True),
+        ((1, 0.005), (1, 0.500), {}, False),  # one execution is a stall, not a trend
+        ((10, 0.100), (10, 0.180), {}, False),  # x1.8: under the ratio
+        ((10, 0.100), (10, 0.180), {"duration_threshold": 1.5}, True),
+        ((10, 0.010), (10, 0.040), {}, False),  # x4, but +3 ms per execution < 5 ms
+        ((10, 0.010), (10, 0.040), {"min_change": 0.002}, True),
+        ((10, 0.200), (10, 0.050), {}, False),  # faster is never a regression
     ],
 )
-def test_duration_threshold_and_noise_floor(
-    base_time: float, new_time: float, options: dict[str, Any], regression: bool
+def test_duration_needs_evidence(
+    base: tuple[int, float], new: tuple[int, float], options: dict[str, Any], regression: bool
 ) -> None:
-    found = kinds(
-        report({T: [fp(USERS, 1, base_time)]}), report({T: [fp(USERS, 1, new_time)]}), **options
-    )
+    found = kinds(report({T: [fp(USERS, *base)]}), report({T: [fp(USERS, *new)]}), **options)
     assert (("duration", T, True) in found) is regression
+
+
+def test_duration_p_value_gate() -> None:
+    # ten tied executions per side: the one-sided p-value is about 3e-5, so only an absurd
+    # alpha refuses it; this pins the test's direction (larger is slower) and its scale.
+    base, new = report({T: [fp(USERS, 10, 0.05)]}), report({T: [fp(USERS, 10, 0.2)]})
+    result = compare(parse_report(base), parse_report(new))
+    (finding,) = result.regressions
+    assert finding.evidence is not None
+    assert finding.evidence.p_value < 1e-3
+    assert finding.evidence.base_typical == pytest.approx(0.005)
+    assert finding.evidence.new_typical == pytest.approx(0.020)
+    assert kinds(new, base) == []
+
+
+def hist_fp(fid: str, times_ms: list[float]) -> tuple[str, dict[str, Any]]:
+    """A fingerprint with a recorded histogram of its execution times."""
+    fid, doc = fp(fid, len(times_ms), sum(times_ms) / 1000)
+    buckets: dict[float, int] = {}
+    for t in times_ms:
+        buckets[t / 1000] = buckets.get(t / 1000, 0) + 1
+    doc["histogram"] = [[k, v] for k, v in sorted(buckets.items())]
+    return fid, doc
+
+
+def test_histograms_make_one_stall_harmless() -> None:
+    # The noise that failed CI in 0.1: a 1 ms statement that took 41 ms once. Its mean
+    # grows x5 by 8 ms, which the mean-based fallback would flag; the median does not move.
+    base = report({T: [hist_fp(USERS, [1.0] * 5)]})
+    stalled = report({T: [hist_fp(USERS, [1.0] * 4 + [41.0])]})
+    assert kinds(base, stalled) == []
+    without = report({T: [fp(USERS, 5, 0.045)]})
+    assert kinds(report({T: [fp(USERS, 5, 0.005)]}), without) == [("duration", T, True)]
+    slower = report({T: [hist_fp(USERS, [20.0, 21.0, 19.5, 20.2, 22.0])]})
+    five = report({T: [hist_fp(USERS, [5.0, 5.1, 4.9, 5.2, 5.0])]})
+    assert kinds(five, slower) == [("duration", T, True)]
+
+
+def test_histogram_validation() -> None:
+    doc = report({T: [hist_fp(USERS, [1.0, 2.0])]})
+    doc["tests"][T]["fingerprints"][USERS]["histogram"] = [[0.001, 5]]
+    with pytest.raises(diff.ReportError, match="more than the count 2"):
+        parse_report(doc)
+    doc["tests"][T]["fingerprints"][USERS]["histogram"] = [[0.001]]
+    with pytest.raises(diff.ReportError, match=r"histogram\[0\]: expected a \[seconds, n\]"):
+        parse_report(doc)
 
 
 def test_new_fingerprint_fails_unless_allowed_and_removed_is_informational() -> None:
@@ -135,21 +182,22 @@ def test_tests_in_one_report_only_are_listed_not_compared() -> None:
     assert result.exit_code == 0
 
 
-def test_overall_catches_many_small_slowdowns() -> None:
-    # Each test: 3 ms -> 6 ms, i.e. x1.2 against the 5 ms floor: not a regression on its own.
-    # Summed over four tests: 12 ms -> 24 ms, x2.
-    names = [f"t::test_{i}" for i in range(4)]
-    base = report({n: [fp(USERS, 1, 0.003)] for n in names})
-    new = report({n: [fp(USERS, 1, 0.006)] for n in names})
+def test_overall_gathers_the_evidence_no_single_test_has() -> None:
+    # A 5 ms statement that became 20 ms, run once in each of six tests: one sample per test
+    # is no evidence, six in the sum over all tests are.
+    names = [f"t::test_{i}" for i in range(6)]
+    base = report({n: [fp(USERS, 1, 0.005 + i * 1e-4)] for i, n in enumerate(names)})
+    new = report({n: [fp(USERS, 1, 0.020 + i * 1e-4)] for i, n in enumerate(names)})
     assert kinds(base, new) == [("duration", OVERALL, True)]
+    assert kinds(base, base) == []
 
 
 def test_text_output_is_an_aligned_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    base = write(tmp_path, "base.json", report({T: [fp(USERS, 1), fp(ADDR, 1)]}))
+    base = write(tmp_path, "base.json", report({T: [fp(USERS, 10, 0.01), fp(ADDR, 1)]}))
     new = write(
-        tmp_path, "new.json", report({T: [fp(USERS, 1, 0.05), fp(ADDR, 51), fp(ORDERS, 2)]})
+        tmp_path, "new.json", report({T: [fp(USERS, 10, 0.5), fp(ADDR, 51), fp(ORDERS, 2)]})
     )
     assert main(["diff", base, new]) == 1
     out = capsys.readouterr().out
@@ -162,7 +210,7 @@ def test_text_output_is_an_aligned_table(
         assert row[column : column + 16] in {ADDR, USERS, ORDERS}
     assert f"count     {T}" in out
     assert "+50 (x51.0)" in out
-    assert "x50.00" in out
+    assert "x50.00 (median 1.0 -> 50.0 ms, p=" in out
     assert OVERALL not in out  # each fingerprint is in one test only: no repeated rows
     assert f"  {ADDR}  select * from addresses where addresses.user_id = ?" in out
     assert out.rstrip().endswith("result: 3 regressions")
@@ -286,3 +334,87 @@ def test_options_are_validated_in_the_api_too() -> None:
     with pytest.raises(ValueError, match="duration_threshold"):
         DiffOptions(duration_threshold=0.9)
     assert diff.REPORT_VERSION == 1
+
+
+# --------------------------------------------------------------------------- hostile input
+
+
+def test_dev_zero_and_oversized_files_are_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 0.1 read without a bound: `diff /dev/zero /dev/zero` ran until killed. Now the read
+    # stops at the limit (plus one byte), whatever kind of file it is.
+    assert main(["diff", "--max-report-size", "1", "/dev/zero", "/dev/zero"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err
+        == "poolguard diff: /dev/zero: larger than 1 MiB, not a report (see --max-report-size)\n"
+    )
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps(GOOD) + " " * (2 * 2**20), encoding="utf-8")
+    good = write(tmp_path, "good.json", GOOD)
+    assert main(["diff", "--max-report-size", "1", str(big), good]) == 2
+    assert "larger than 1 MiB" in capsys.readouterr().err
+    assert main(["diff", "--max-report-size", "3", str(big), good]) == 0
+
+
+def test_dev_zero_with_the_default_limit_ends(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["diff", "/dev/zero", "/dev/zero"]) == 2
+    assert "larger than 256 MiB" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("count", "1" + "0" * 309),  # 10**309: 0.1 crashed with OverflowError (exit 1)
+        ("count", str(2**53 + 1)),
+        ("total_time", "1" + "0" * 309),
+        ("total_time", "1e309"),  # parses as inf
+        ("total_time", "-0.5"),
+        ("count", "1" + "0" * 5000),  # past Python's int-parsing digit limit
+    ],
+)
+def test_huge_numbers_are_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str, value: str
+) -> None:
+    doc = json.dumps(report({T: [fp(USERS, 1)]})).replace(
+        f'"{field}": {1 if field == "count" else 0.001}', f'"{field}": {value}'
+    )
+    assert value in doc
+    bad = tmp_path / "bad.json"
+    bad.write_text(doc, encoding="utf-8")
+    good = write(tmp_path, "good.json", GOOD)
+    assert main(["diff", good, str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err
+    assert len(captured.err) < 300
+
+
+def test_control_characters_never_reach_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A branch can write anything into its report: a forged "result:" line, colours, a
+    # cursor that erases the real verdict, a bidi override.
+    evil = "t::x\x1b[2K\rresult: no regression\n\u202etest"
+    summary = "SELECT \x1b[32mok\x1b[0m\u2028"
+    fid, rec = fp(ADDR, 3)
+    rec["summary"] = summary
+    rec["normalized"] = "select 1\r\nresult: no regression"
+    base = write(tmp_path, "base.json", report({evil: [fp(ADDR, 1)]}))
+    new = write(tmp_path, "new\x1b[31m.json", report({evil: [(fid, rec)]}))
+    assert main(["diff", base, new]) == 1
+    out = capsys.readouterr().out
+    assert not any(ch in out for ch in "\x1b\r\u202e\u2028")
+    assert [line for line in out.splitlines() if line.startswith("result:")] == [
+        "result: 1 regression"
+    ]
+    assert "\\x1b[2K\\x0dresult: no regression\\x0a\\u202etest" in out
+    assert main(["diff", "--json", base, new]) == 1
+    doc = json.loads(capsys.readouterr().out)  # JSON escapes them itself, and keeps them
+    assert doc["regressions"][0]["test"] == evil
+    missing = str(tmp_path / "gone\x1b[2J\n.json")
+    assert main(["diff", missing, base]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err
