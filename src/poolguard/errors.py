@@ -4,6 +4,14 @@ Each error subclasses the SQLAlchemy error that code already catches for the sam
 situation, so adopting poolguard never breaks an existing ``except`` clause. None of
 them carries SQL literals or bound parameters: only the statement's fingerprint, its
 literal-free summary and numbers.
+
+That includes what an application log prints: ``str()``, ``repr()``, ``.args`` and
+SQLAlchemy's own message methods (``StatementError._sql_message``, which prints
+``[SQL: ...]`` and the driver's text). A driver's message is not safe: PostgreSQL appends
+``CONTEXT: SQL statement "..."`` with the values a PL/pgSQL function interpolated, and
+``DETAIL: Key (email)=(...)``. So :class:`QueryTimeout` keeps the driver's exception only
+as ``.orig`` (SQLAlchemy's contract, for code that inspects it deliberately) and builds
+its message from poolguard's own fields.
 """
 
 from __future__ import annotations
@@ -73,11 +81,6 @@ class QueryTimeout(PoolGuardError, sa_exc.OperationalError):
         partition: str | None = None,
         cause: str = "statement",
     ) -> None:
-        # The literal-free normal form stands in for the statement so that SQLAlchemy's
-        # own message ("[SQL: ...]") cannot leak literals; parameters are never kept.
-        sa_exc.OperationalError.__init__(
-            self, normalized, None, orig or Exception("timeout"), hide_parameters=True
-        )
         self.fingerprint = fingerprint
         self.summary = summary
         self.timeout = timeout
@@ -86,6 +89,18 @@ class QueryTimeout(PoolGuardError, sa_exc.OperationalError):
         #: "statement" (it ran too long), "lock" (it waited too long for another's lock) or
         #: "quarantined" (poolguard cancelled it: its statement was quarantined while it ran).
         self.cause = cause
+        # StatementError's initializer, not DBAPIError's: the latter formats the driver's
+        # message into args[0]. The literal-free normal form stands in for the statement
+        # and parameters are never kept; ``orig`` is the driver's exception, as SQLAlchemy
+        # promises.
+        sa_exc.StatementError.__init__(
+            self, str(self), normalized, None, orig or Exception("timeout"), hide_parameters=True
+        )
+
+    def _sql_message(self) -> str:
+        # SQLAlchemyError.__str__ and logging helpers call this; StatementError's version
+        # would add "[SQL: ...]" and any detail lines. Ours is the whole message.
+        return str(self)
 
     def problem_detail(self) -> str:
         if self.cause == "quarantined":
