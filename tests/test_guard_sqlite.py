@@ -104,7 +104,7 @@ def test_close_removes_every_hook(sqlite_file_url: str) -> None:
     guard.close()  # idempotent
     assert _listener_counts(engine) == before
     assert "connect" not in engine.pool.__dict__
-    assert not guard._watchdog.is_alive()
+    assert not guard._watchdog.alive
     PoolGuard(engine).close()  # and a new guard may be installed
     engine.dispose()
 
@@ -422,7 +422,7 @@ def test_listeners_are_on_the_sync_engine_of_an_async_engine(make_guard: MakeGua
     engine = create_async_engine("sqlite+aiosqlite://")
     guard = make_guard(engine)
     assert guard.sync_engine is engine.sync_engine
-    assert event.contains(engine.sync_engine, "do_execute", guard._on_do_execute)
+    assert event.contains(engine.sync_engine, "do_execute", guard._statements.on_do_execute)
 
 
 def test_guard_does_not_switch_on_connection_events(

@@ -172,12 +172,15 @@ def test_connection_ids_are_trusted_only_when_the_server_confirms_them(
 ) -> None:
     """Behind ProxySQL or MaxScale the handshake's id is the proxy's: KILL QUERY sent to it
     could stop another client's statement. It is used only when CONNECTION_ID() agrees."""
+    from poolguard.core.holds import conn_state
     from poolguard.dialects.base import SERVER_ID
 
     engine = sa.create_engine(mariadb_url, pool_size=1, max_overflow=0)
     guard = make_guard(engine)
     with engine.connect() as c:
         server_id = c.execute(sa.text("select connection_id()")).scalar()
-        assert c.connection.info["poolguard.backend_pid"] == server_id
+        # poolguard's own per-connection state, never the application's connection.info
+        assert conn_state(c.connection._connection_record).backend_pid == server_id
+        assert not any(str(k).startswith("poolguard") for k in c.connection.info)
         raw = c.connection.dbapi_connection
         assert guard.enforcer.backend_pid(raw, {SERVER_ID: server_id + 1}) is None

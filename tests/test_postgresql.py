@@ -633,13 +633,16 @@ def test_session_ids_are_trusted_only_when_the_server_confirms_them(
 ) -> None:
     """Behind a pooler the driver's pid is the pooler's: a cancel sent to it could stop
     another client's statement. The id is used only when the server reported the same."""
+    from poolguard.core.holds import conn_state
     from poolguard.dialects.base import SERVER_ID
 
     engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
     guard = make_guard(engine)
     with engine.connect() as c:
         server_pid = c.execute(sa.text("select pg_backend_pid()")).scalar()
-        assert c.connection.info["poolguard.backend_pid"] == server_pid
+        # poolguard's own per-connection state, never the application's connection.info
+        assert conn_state(c.connection._connection_record).backend_pid == server_pid
+        assert not any(str(k).startswith("poolguard") for k in c.connection.info)
         raw = c.connection.dbapi_connection
         assert guard.enforcer.backend_pid(raw, {SERVER_ID: server_pid}) == server_pid
         assert guard.enforcer.backend_pid(raw, {SERVER_ID: server_pid + 1}) is None

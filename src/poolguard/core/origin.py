@@ -1,56 +1,155 @@
 """Where a checkout began: the first frame of the application, for leak reports.
 
-Found by walking the stack from the pool's ``connect`` outwards, past SQLAlchemy, poolguard
-and the framework layers in between; the result is kept as a code object and a line (no
-frame, so no locals stay alive) and formatted only when a report needs it.
+Found by walking the stack from the pool's ``connect`` outwards and deciding, frame by frame,
+whether its code is the application's or a library's **by where its file lives**, not by the
+module's name: a list of framework names always misses the next one (SQLModel,
+Flask-SQLAlchemy, Litestar, a company's own data layer...), while every installed library
+lives in the same few places. Library code is code from:
+
+- ``site-packages`` / ``dist-packages`` (anything pip, uv or the OS installed);
+- the standard library (``sysconfig``'s ``stdlib`` and ``platstdlib``);
+- poolguard's own package directory (which an editable install puts outside site-packages);
+- pseudo files: ``<frozen ...>``, ``<string>`` (code made by ``exec``: dataclasses,
+  SQLAlchemy's generated functions), ``<stdin>``.
+
+Everything else is the application: the first such frame is the checkout site. When there is
+none (an application installed into site-packages, say), the site is the nearest frame of a
+library other than SQLAlchemy and poolguard: the layer that asked for the connection. The
+decision is cached per code object, so after warm-up a frame costs one dict lookup; the
+result is kept as a code object and a line (no frame, so no locals stay alive) and formatted
+only when a report needs it.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+import sysconfig
 from types import CodeType, FrameType
 
-__all__ = ["checkout_origin"]
+import sqlalchemy
 
-_SKIP_MODULES = (
-    "sqlalchemy",
-    "poolguard",
-    "contextlib",
-    "asyncio",
-    "greenlet",
-    "anyio",
-    "starlette",
-    "fastapi",
-    "concurrent",
-    "threading",
+__all__ = ["checkout_origin", "is_application_file"]
+
+#: Tiers of a code object's file: application code ends the walk; a third-party library's
+#: is remembered as the fallback; the database and interpreter layers are skipped.
+_APPLICATION = 0
+_LIBRARY = 1
+_INFRASTRUCTURE = 2
+
+_LIBRARY_DIRS = (os.sep + "site-packages" + os.sep, os.sep + "dist-packages" + os.sep)
+
+
+def _dir_prefixes(*dirs: str | None) -> tuple[str, ...]:
+    """Each directory as a normalised prefix ending in a separator, as given and resolved."""
+    out: list[str] = []
+    for d in dirs:
+        if not d:
+            continue
+        for p in (os.path.abspath(d), os.path.realpath(d)):
+            prefix = os.path.normcase(os.path.join(p, ""))
+            if prefix not in out:
+                out.append(prefix)
+    return tuple(out)
+
+
+def _package_dir(module_file: str | None) -> str | None:
+    return os.path.dirname(os.path.abspath(module_file)) if module_file else None
+
+
+_paths = sysconfig.get_paths()
+#: The standard library: sysconfig's view, and where ``os`` itself was loaded from (the two
+#: differ on some distributions' layouts).
+_STDLIB = _dir_prefixes(_paths.get("stdlib"), _paths.get("platstdlib"), _package_dir(os.__file__))
+#: poolguard's own package (src/poolguard in an editable install) and SQLAlchemy's: the
+#: layers between the application and the pool, never a checkout site, not even a fallback.
+_INFRASTRUCTURE_DIRS = _dir_prefixes(
+    os.path.dirname(_package_dir(__file__) or ""),  # core/ -> poolguard/
+    _package_dir(sqlalchemy.__file__),
 )
+del _paths
 
 
-#: Per code object, whether it belongs to the layers ``checkout_origin`` skips: a web request's
-#: checkout sits under tens of framework frames, and a dict lookup per frame is cheaper than
-#: reading the module name and matching prefixes. Keyed by id (hashing a code object hashes
-#: its bytecode); the entry keeps its code object alive, so the id cannot be reused while it
-#: is cached. Cleared when full (code made at run time could otherwise grow it).
-_skip_cache: dict[int, tuple[CodeType, bool]] = {}
-_SKIP_CACHE_MAX = 4096
+def _tier(filename: str) -> int:
+    if not filename or filename[0] == "<":  # <frozen ...>, <string>, <stdin>
+        return _INFRASTRUCTURE
+    path = os.path.normcase(os.path.abspath(filename))  # a relative one: from the cwd
+    if path.startswith(_INFRASTRUCTURE_DIRS):
+        return _INFRASTRUCTURE
+    if any(d in path for d in _LIBRARY_DIRS):
+        return _LIBRARY
+    if path.startswith(_STDLIB):
+        return _INFRASTRUCTURE
+    return _APPLICATION
+
+
+def is_application_file(filename: str) -> bool:
+    """True when code from ``filename`` counts as the application's (see the module's doc)."""
+    return _tier(filename) == _APPLICATION
+
+
+#: Per code object, its tier: a web request's checkout sits under tens of framework frames,
+#: and a dict lookup per frame is cheaper than looking at its path. Keyed by id (hashing a
+#: code object hashes its bytecode); the entry keeps its code object alive, so the id cannot
+#: be reused while it is cached. Cleared when full (code made at run time could otherwise
+#: grow it).
+_tier_cache: dict[int, tuple[CodeType, int]] = {}
+_TIER_CACHE_MAX = 4096
 
 
 def checkout_origin() -> tuple[CodeType, int] | None:
-    """The first frame outside the database and framework layers: where a checkout began.
-    Kept as code object and line (no locals, unlike a frame); formatted on demand."""
+    """The first application frame on the stack: where a checkout began.
+
+    Called by the checkout that the pool's patched ``connect`` calls: ``sys._getframe(2)``
+    starts the walk at that ``connect``, skipping this function and the checkout itself (the
+    walk skips poolguard's frames by location anyway, so a deeper call still works). Kept as
+    code object and line (no locals, unlike a frame); formatted on demand. None when the stack
+    holds neither application nor library code (nothing but SQLAlchemy and the interpreter).
+    """
     f: FrameType | None = sys._getframe(2)
-    cache = _skip_cache
+    cache = _tier_cache
+    fallback: tuple[CodeType, int] | None = None
+    glet: object = None
+    hops = 0
     while f is not None:
         code = f.f_code
         entry = cache.get(id(code))
         if entry is not None and entry[0] is code:
-            skip = entry[1]
+            tier = entry[1]
         else:
-            if len(cache) >= _SKIP_CACHE_MAX:
+            if len(cache) >= _TIER_CACHE_MAX:
                 cache.clear()
-            skip = f.f_globals.get("__name__", "").startswith(_SKIP_MODULES)
-            cache[id(code)] = (code, skip)
-        if not skip:
+            tier = _tier(code.co_filename)
+            cache[id(code)] = (code, tier)
+        if tier == _APPLICATION:
             return code, f.f_lineno
+        if tier == _LIBRARY and fallback is None:
+            fallback = (code, f.f_lineno)
         f = f.f_back
-    return None
+        if f is None and hops < _MAX_GREENLET_HOPS:
+            f, glet = _parent_greenlet_frame(glet)
+            hops += 1
+    return fallback
+
+
+#: Greenlets to climb from the one the checkout runs in (SQLAlchemy's asyncio layer runs one
+#: greenlet per awaited call; nested ``run_sync`` adds one more each).
+_MAX_GREENLET_HOPS = 4
+
+
+def _parent_greenlet_frame(glet: object) -> tuple[FrameType | None, object]:
+    """Where the parent of the current (or given) greenlet is suspended, if any.
+
+    SQLAlchemy's asyncio extension runs the sync engine inside a greenlet whose stack starts
+    in ``greenlet_spawn``: the coroutine that awaited it (the application's) is on the parent
+    greenlet's stack, not behind the child's last frame.
+    """
+    greenlet = sys.modules.get("greenlet")
+    if greenlet is None:
+        return None, None
+    current = glet if glet is not None else greenlet.getcurrent()
+    parent = getattr(current, "parent", None)
+    if parent is None:
+        return None, None
+    frame: FrameType | None = getattr(parent, "gr_frame", None)
+    return frame, parent

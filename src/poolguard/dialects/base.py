@@ -30,7 +30,8 @@ class Enforcer:
     def on_connect(
         self, dbapi_connection: DBAPIConnection, info: dict[Any, Any], default_timeout: float | None
     ) -> None:
-        """Install the default time-out on a new connection (``info``: its record's info)."""
+        """Install the default time-out on a new connection (``info``: poolguard's own state
+        for that connection)."""
 
     def prepare(
         self,
@@ -38,8 +39,11 @@ class Enforcer:
         statement: str,
         timeout: float | None,
         context: ExecutionContext,
+        info: dict[Any, Any],
     ) -> str:
-        """Make ``timeout`` apply to this one statement; return the statement to run."""
+        """Make ``timeout`` apply to this one statement; return the statement to run.
+        ``info`` is the connection's own state (what ``on_connect`` was given), never the
+        application's ``connection.info``."""
         return statement
 
     def on_transaction_end(self, info: dict[Any, Any]) -> None:

@@ -76,6 +76,7 @@ class MySQLEnforcer(Enforcer):
         statement: str,
         timeout: float | None,
         context: ExecutionContext,
+        info: dict[Any, Any],
     ) -> str:
         if self.is_mariadb:
             secs = 0.0 if timeout is None else max(0.001, timeout)

@@ -97,12 +97,12 @@ class PostgreSQLEnforcer(Enforcer):
         statement: str,
         timeout: float | None,
         context: ExecutionContext,
+        info: dict[Any, Any],
     ) -> str:
         want = 0 if timeout is None else ms(timeout)
         conn: Any = context.root_connection
         txn = conn._transaction
         dbapi_connection: Any = context._dbapi_connection  # type: ignore[attr-defined]
-        info = dbapi_connection.info
         cached = info.get(_LOCAL_KEY)
         if cached is not None and cached[0] is txn:
             have = cached[1]

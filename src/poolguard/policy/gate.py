@@ -351,6 +351,17 @@ class Gate:
             return self._win_count / elapsed
         return self._last_rate
 
+    def forget_holders(self) -> None:
+        """After ``fork()`` in the child: the parent's slots and waiters belong to threads
+        and connections the child does not have, and would otherwise be counted forever."""
+        with self._lock:
+            self._held = 0
+            self._held_by.clear()
+            self._waiting = 0
+            self._waiting_by.clear()
+            for q in self._queues:
+                q.clear()
+
     def snapshot(self) -> GateSnapshot:
         with self._lock:
             return GateSnapshot(

@@ -1,0 +1,305 @@
+"""The guard's settings: typed, frozen, checked once where each option is defined.
+
+``PoolGuard(engine, statement_timeout=2.0, ...)`` builds a :class:`GuardConfig` from its
+keyword options; each section belongs to one part of the guard (as HikariConfig groups a
+pool's settings), so a part receives only what it reads, already checked, and
+``stats()["settings"]`` is derived from the same objects. Every default is explained in
+docs/configuration.md with the measurement behind it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
+
+from poolguard import validate as v
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+    from opentelemetry.trace import TracerProvider
+
+    from poolguard.observe.alerts import Alert
+
+__all__ = [
+    "AlertConfig",
+    "GateConfig",
+    "GuardConfig",
+    "GuardOptions",
+    "QuarantineConfig",
+    "ShedConfig",
+    "TelemetryConfig",
+    "TimeoutConfig",
+]
+
+TraceMode = Literal["all", "slow", "off"]
+PgMode = Literal["session", "transaction"]
+
+
+@dataclass(frozen=True)
+class TimeoutConfig:
+    """What the server enforces per statement, and how long a caller waits or holds."""
+
+    statement_timeout: float = 5.0
+    checkout_timeout: float = 1.0
+    hold_timeout: float = 30.0
+    #: None: no lock wait of poolguard's; "auto" resolves to half the statement time-out.
+    lock_timeout: float | None = 2.5
+    idle_in_transaction_timeout: float | None = None
+    pg_timeout_mode: PgMode = "session"
+    reclaim_leaked: bool = False
+
+    def __post_init__(self) -> None:
+        v.seconds("statement_timeout", self.statement_timeout)
+        v.seconds("checkout_timeout", self.checkout_timeout)
+        v.seconds("hold_timeout", self.hold_timeout)
+        v.optional_seconds("lock_timeout", self.lock_timeout)
+        v.optional_seconds("idle_in_transaction_timeout", self.idle_in_transaction_timeout)
+        v.choice("pg_timeout_mode", self.pg_timeout_mode, ("session", "transaction"))
+        v.flag("reclaim_leaked", self.reclaim_leaked)
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """The gate in front of the pool. ``capacity`` None: the pool's own size + overflow."""
+
+    capacity: int | None = None
+    critical_reserve: int | None = None
+    partition_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        v.optional_count("capacity", self.capacity)
+        v.optional_count("critical_reserve", self.critical_reserve, minimum=0)
+        v.share("partition_share", self.partition_share)
+
+    def reserve_for(self, capacity: int) -> int:
+        """A tenth of the pool for critical work, at least one connection from four up."""
+        if self.critical_reserve is not None:
+            return self.critical_reserve
+        return capacity // 10 if capacity >= 10 else (1 if capacity >= 4 else 0)
+
+
+@dataclass(frozen=True)
+class QuarantineConfig:
+    """When a statement is quarantined, for how long, and who else is blamed or stopped."""
+
+    threshold: int = 3
+    window: float = 60.0
+    cooldown: float = 30.0
+    allow: tuple[str, ...] = ()
+    blame_lock_holders: bool = True
+    cancel_quarantined: bool = True
+
+    def __post_init__(self) -> None:
+        v.count("quarantine_threshold", self.threshold)
+        v.seconds("quarantine_window", self.window)
+        v.seconds("quarantine_cooldown", self.cooldown)
+        for item in self.allow:
+            if not isinstance(item, str) or not item:
+                raise TypeError(
+                    "quarantine_allow must hold fingerprint ids or SQL strings, got "
+                    f"{type(item).__name__}"
+                )
+        v.flag("blame_lock_holders", self.blame_lock_holders)
+        v.flag("cancel_quarantined", self.cancel_quarantined)
+
+    @property
+    def max_cooldown(self) -> float:
+        """Each reopening doubles the cool-down, up to ten minutes (or the cool-down itself)."""
+        return max(600.0, self.cooldown)
+
+
+@dataclass(frozen=True)
+class ShedConfig:
+    """CoDel's queue-delay target and interval (Meta's "Fail at Scale" starting numbers)."""
+
+    target: float = 0.005
+    interval: float = 0.1
+
+    def __post_init__(self) -> None:
+        v.seconds("shed_target", self.target)
+        v.seconds("shed_interval", self.interval)
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    trace_statements: TraceMode = "all"
+    slow_statement_threshold: float = 0.1
+    pool_name: str | None = None
+    max_fingerprints: int = 1000
+    operation_metrics: bool = False
+    exception_events: bool = True
+    meter_provider: MeterProvider | None = field(default=None, compare=False)
+    tracer_provider: TracerProvider | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        v.choice("trace_statements", self.trace_statements, ("all", "slow", "off"))
+        v.seconds("slow_statement_threshold", self.slow_statement_threshold, zero=True)
+        v.text("pool_name", self.pool_name, optional=True)
+        v.count("max_fingerprints", self.max_fingerprints)
+        v.flag("operation_metrics", self.operation_metrics)
+        v.flag("exception_events", self.exception_events)
+        v.provider("meter_provider", self.meter_provider, "get_meter")
+        v.provider("tracer_provider", self.tracer_provider, "get_tracer")
+
+
+@dataclass(frozen=True)
+class AlertConfig:
+    on_alert: Callable[[Alert], None] | None = field(default=None, compare=False)
+    debounce: float = 60.0
+
+    def __post_init__(self) -> None:
+        v.callable_or_none("on_alert", self.on_alert)
+        v.seconds("alert_debounce", self.debounce, zero=True)
+
+
+class GuardOptions(TypedDict, total=False):
+    """The keyword options of :class:`~poolguard.PoolGuard` (see docs/configuration.md)."""
+
+    statement_timeout: float
+    checkout_timeout: float
+    hold_timeout: float
+    reclaim_leaked: bool
+    blame_lock_holders: bool
+    cancel_quarantined: bool
+    capacity: int | None
+    critical_reserve: int | None
+    partition_share: float
+    pg_timeout_mode: PgMode
+    lock_timeout: float | Literal["auto"] | None
+    idle_in_transaction_timeout: float | None
+    quarantine_threshold: int
+    quarantine_window: float
+    quarantine_cooldown: float
+    quarantine_allow: Iterable[str]
+    shed_target: float
+    shed_interval: float
+    trace_statements: TraceMode
+    slow_statement_threshold: float
+    on_alert: Callable[[Alert], None] | None
+    alert_debounce: float
+    pool_name: str | None
+    max_fingerprints: int
+    operation_metrics: bool
+    exception_events: bool
+    meter_provider: MeterProvider | None
+    tracer_provider: TracerProvider | None
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Every setting of one guard, by the part that reads it."""
+
+    timeouts: TimeoutConfig = field(default_factory=TimeoutConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    quarantine: QuarantineConfig = field(default_factory=QuarantineConfig)
+    shed: ShedConfig = field(default_factory=ShedConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    alerts: AlertConfig = field(default_factory=AlertConfig)
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        statement_timeout: float = 5.0,
+        checkout_timeout: float = 1.0,
+        hold_timeout: float = 30.0,
+        reclaim_leaked: bool = False,
+        blame_lock_holders: bool = True,
+        cancel_quarantined: bool = True,
+        capacity: int | None = None,
+        critical_reserve: int | None = None,
+        partition_share: float = 0.5,
+        pg_timeout_mode: PgMode = "session",
+        lock_timeout: float | Literal["auto"] | None = "auto",
+        idle_in_transaction_timeout: float | None = None,
+        quarantine_threshold: int = 3,
+        quarantine_window: float = 60.0,
+        quarantine_cooldown: float = 30.0,
+        quarantine_allow: Iterable[str] = (),
+        shed_target: float = 0.005,
+        shed_interval: float = 0.1,
+        trace_statements: TraceMode = "all",
+        slow_statement_threshold: float = 0.1,
+        on_alert: Callable[[Alert], None] | None = None,
+        alert_debounce: float = 60.0,
+        pool_name: str | None = None,
+        max_fingerprints: int = 1000,
+        operation_metrics: bool = False,
+        exception_events: bool = True,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> GuardConfig:
+        """The keyword options of :class:`~poolguard.PoolGuard`, by section."""
+        v.seconds("statement_timeout", statement_timeout)
+        if lock_timeout == "auto":
+            # Shorter than the statement time-out, so a request stuck behind another's lock
+            # fails as a lock wait (never quarantined) while the lock holder's own statement
+            # is the one that hits statement_timeout and gets quarantined.
+            lock_timeout = float(statement_timeout) / 2
+        if isinstance(quarantine_allow, (str, bytes)):
+            raise TypeError(
+                "quarantine_allow must be an iterable of fingerprints or SQL, not a str"
+            )
+        try:
+            allow = tuple(quarantine_allow)
+        except TypeError:
+            raise TypeError(
+                "quarantine_allow must be an iterable of fingerprint ids or SQL strings, got "
+                f"{type(quarantine_allow).__name__}"
+            ) from None
+        return cls(
+            timeouts=TimeoutConfig(
+                statement_timeout=statement_timeout,
+                checkout_timeout=checkout_timeout,
+                hold_timeout=hold_timeout,
+                lock_timeout=lock_timeout,
+                idle_in_transaction_timeout=idle_in_transaction_timeout,
+                pg_timeout_mode=pg_timeout_mode,
+                reclaim_leaked=reclaim_leaked,
+            ),
+            gate=GateConfig(
+                capacity=capacity,
+                critical_reserve=critical_reserve,
+                partition_share=partition_share,
+            ),
+            quarantine=QuarantineConfig(
+                threshold=quarantine_threshold,
+                window=quarantine_window,
+                cooldown=quarantine_cooldown,
+                allow=allow,
+                blame_lock_holders=blame_lock_holders,
+                cancel_quarantined=cancel_quarantined,
+            ),
+            shed=ShedConfig(target=shed_target, interval=shed_interval),
+            telemetry=TelemetryConfig(
+                trace_statements=trace_statements,
+                slow_statement_threshold=slow_statement_threshold,
+                pool_name=pool_name,
+                max_fingerprints=max_fingerprints,
+                operation_metrics=operation_metrics,
+                exception_events=exception_events,
+                meter_provider=meter_provider,
+                tracer_provider=tracer_provider,
+            ),
+            alerts=AlertConfig(on_alert=on_alert, debounce=alert_debounce),
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The JSON-serialisable part, for ``stats()["settings"]``."""
+        t, g, q, s = self.timeouts, self.gate, self.quarantine, self.shed
+        return {
+            "statement_timeout": t.statement_timeout,
+            "checkout_timeout": t.checkout_timeout,
+            "hold_timeout": t.hold_timeout,
+            "lock_timeout": t.lock_timeout,
+            "idle_in_transaction_timeout": t.idle_in_transaction_timeout,
+            "pg_timeout_mode": t.pg_timeout_mode,
+            "partition_share": g.partition_share,
+            "quarantine_threshold": q.threshold,
+            "quarantine_window": q.window,
+            "quarantine_cooldown": q.cooldown,
+            "shed_target": s.target,
+            "shed_interval": s.interval,
+            "trace_statements": self.telemetry.trace_statements,
+        }
