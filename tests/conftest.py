@@ -1,8 +1,15 @@
 """Shared fixtures: real servers only.
 
 PostgreSQL and MariaDB are the ones this machine starts; override their URLs with
-POOLGUARD_TEST_PG / POOLGUARD_TEST_MARIADB. Under CI=true an unreachable server fails the
-test instead of skipping it, so a broken CI machine cannot pass by skipping everything.
+POOLGUARD_TEST_PG / POOLGUARD_TEST_MARIADB. Under CI set to a true value (1, true, yes, on)
+an unreachable server fails the test instead of skipping it, so a broken CI machine cannot
+pass by skipping everything.
+
+Every test is checked for leaks after its teardown (``_no_leak_after_each_test``): every
+guard built during it, and every guard still installed, has no checked-out connection and
+no held or queued gate slot; every middleware's in-flight count is back to zero; and a test
+on PostgreSQL leaves no server session behind (poolguard's own blame and cancel sessions
+included).
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ _HOW_TO_START = {
 _reachable: dict[str, str | None] = {}
 
 
+def ci() -> bool:
+    """True when CI is set to any true value: a missing server or tool then fails."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def require_server(kind: str, url: str) -> str:
     """Return ``url`` if its server answers; fail under CI, skip elsewhere."""
     if kind not in _reachable:
@@ -43,7 +55,7 @@ def require_server(kind: str, url: str) -> str:
     if problem is not None:
         where = sa.make_url(url).render_as_string()
         msg = f"{kind} at {where} unreachable ({problem}); {_HOW_TO_START[kind]}"
-        if os.environ.get("CI") == "true":
+        if ci():
             pytest.fail(msg)
         pytest.skip(msg)
     return url
@@ -126,7 +138,7 @@ def _free_port() -> int:
 def pg_cluster() -> Iterator[Cluster]:
     if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
         msg = "initdb/pg_ctl not found: install PostgreSQL's server binaries"
-        if os.environ.get("CI") == "true":
+        if ci():
             pytest.fail(msg)
         pytest.skip(msg)
     base = tempfile.mkdtemp(prefix="poolguard-pg-")
@@ -253,3 +265,137 @@ def queued_writers() -> Callable[..., threading.Thread]:
         return starter
 
     return start
+
+
+# -- the leak check every test gets ------------------------------------------------------------
+import functools  # noqa: E402
+import gc  # noqa: E402
+import weakref  # noqa: E402
+
+#: Guards built during the running test (recorded by a wrapper around PoolGuard.__init__).
+_made: list[Any] = []
+#: Guards and counters already reported as leaking: reported once, not by every later test.
+_reported: weakref.WeakSet[Any] = weakref.WeakSet()
+_reported_in_flight: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _record_guards() -> Iterator[None]:
+    """Records every PoolGuard built, however it is built (directly, by make_guard, by a
+    fixture of a test module, by an example app), without touching poolguard's source."""
+    from poolguard import PoolGuard
+
+    original = PoolGuard.__init__
+
+    @functools.wraps(original)
+    def recording(self: Any, *args: Any, **kw: Any) -> None:
+        original(self, *args, **kw)
+        _made.append(self)
+
+    PoolGuard.__init__ = recording  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PoolGuard.__init__ = original  # type: ignore[method-assign]
+
+
+def leaks() -> list[str]:
+    """What guards and middlewares still hold right now (empty when nothing leaked)."""
+    from poolguard.guard import active_guards
+    from poolguard.integrations.asgi.inflight import _in_flight
+
+    found: list[str] = []
+    seen: set[int] = set()
+    for g in [*_made, *active_guards()]:
+        if id(g) in seen or g in _reported:
+            continue
+        seen.add(id(g))
+        problems = []
+        if g.checked_out:
+            problems.append(f"checked_out={g.checked_out}")
+        gate = g.gate
+        if gate.held or gate.waiting:
+            problems.append(f"gate held={gate.held} waiting={gate.waiting}")
+        pool = g.sync_engine.pool
+        if isinstance(pool, sa.QueuePool) and pool.checkedout():
+            problems.append(f"{type(pool).__name__} {pool.status()}")
+        if problems:
+            _reported.add(g)
+            found.append(f"guard {g.pool_name}: " + ", ".join(problems))
+    for g, counter in list(_in_flight.items()):
+        if counter.count and g not in _reported_in_flight:
+            _reported_in_flight.add(g)
+            found.append(f"middleware on guard {g.pool_name}: {counter.count} requests in flight")
+    return found
+
+
+_SESSIONS_SQL = (
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+)
+
+
+class _PgSessions:
+    """Counts the client sessions on the test database, on a connection of its own."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = sa.create_engine(url, poolclass=sa.NullPool)
+
+    def count(self) -> int:
+        with self.engine.connect() as c:
+            return int(c.execute(sa.text(_SESSIONS_SQL)).scalar_one())
+
+    def settle(self, baseline: int, allowed: int) -> int:
+        """The session count once it is back at ``baseline + allowed`` (sessions end
+        asynchronously after their socket closes), or what it still is after 5 s."""
+        end = time.monotonic() + 5.0
+        n = self.count()
+        while n > baseline + allowed and time.monotonic() < end:
+            time.sleep(0.05)
+            gc.collect()
+            n = self.count()
+        return n
+
+
+_pg_sessions: dict[str, _PgSessions] = {}
+
+
+def _pooled(guards: list[Any]) -> int:
+    """Idle connections that live pools legitimately keep open."""
+    n = 0
+    for g in guards:
+        pool = g.sync_engine.pool
+        if isinstance(pool, sa.QueuePool):
+            n += pool.checkedin()
+    return n
+
+
+@pytest.fixture(autouse=True)
+def _no_leak_after_each_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After the test and all its fixtures are torn down: nothing held, nothing in flight,
+    no server session left on PostgreSQL (see the module docstring)."""
+    sessions = None
+    if "pg_url" in request.fixturenames:
+        url = request.getfixturevalue("pg_url")
+        sessions = _pg_sessions.get(url)
+        if sessions is None:
+            sessions = _pg_sessions[url] = _PgSessions(url)
+        baseline = sessions.count()
+    _made.clear()
+    yield
+    try:
+        found = leaks()
+        if sessions is not None:
+            from poolguard.guard import active_guards
+
+            gc.collect()  # engines a test dropped close their connections
+            live = list({id(g): g for g in [*_made, *active_guards()]}.values())
+            n = sessions.settle(baseline, _pooled(live))
+            if n > baseline + _pooled(live):
+                found.append(
+                    f"PostgreSQL: {n} client sessions on the test database after the test, "
+                    f"{baseline} before and {_pooled(live)} pooled by live engines"
+                )
+        assert not found, "leaked: " + "; ".join(found)
+    finally:
+        _made.clear()
