@@ -489,3 +489,44 @@ def test_url_from_the_environment(
     out = capsys.readouterr().out
     assert out.startswith(f"poolguard check: {safe_url(pg_check_url)} (PostgreSQL ")
     assert SECRET not in out
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[int]:
+    """A port that accepts TCP connections (the kernel completes the handshake from the
+    listen backlog) and never sends a byte: a black-holed server behind a proxy."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    "driver", ["mysql+pymysql", "postgresql+psycopg", "postgresql+asyncpg", "mysql+aiomysql"]
+)
+def test_connect_timeout_holds_on_a_silent_endpoint(
+    silent_endpoint: int, capsys: pytest.CaptureFixture[str], driver: str
+) -> None:
+    # 0.1: PyMySQL's connect_timeout covers only the TCP connect, then it read the server's
+    # greeting without a timeout and `poolguard check` hung until killed.
+    import threading
+
+    url = f"{driver}://app:{SECRET}@127.0.0.1:{silent_endpoint}/db"
+    codes: list[int] = []
+    argv = ["check", "--database-url", url, "--workers", "1", "--replicas", "1"]
+    worker = threading.Thread(
+        target=lambda: codes.append(main([*argv, "--connect-timeout", "1"])), daemon=True
+    )
+    worker.start()
+    worker.join(60)  # a bound on a hang, not a timing assertion: it ends in seconds
+    assert not worker.is_alive(), "poolguard check hung on a silent endpoint"
+    assert codes == [2]
+    err = capsys.readouterr().err
+    assert err.startswith(f"poolguard check: cannot connect to {driver}://127.0.0.1:")
+    assert err.count("\n") == 1
+    assert SECRET not in err
