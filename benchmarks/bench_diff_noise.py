@@ -12,7 +12,8 @@ registered ``sleep()`` function). Both must fail.
 
 The printed table also shows, per pair, the largest per-execution slowdown seen between
 identical runs (the noise the duration rule has to stay above) and what the diff of the
-previous release (total time x1.5 over a 5 ms floor, no evidence needed) would have said.
+previous release (total time x1.5 over a 5 ms floor, per test and summed, no evidence
+needed) would have said.
 
 PostgreSQL is taken from ``POOLGUARD_TEST_PG`` (default
 ``postgresql+psycopg://postgres@127.0.0.1:5432/postgres``).
@@ -153,20 +154,26 @@ def worst_noise(base: Path, new: Path) -> float:
 
 
 def old_rule_fails(base: Path, new: Path) -> bool:
-    """What the 0.1 rule (total x1.5 over a 5 ms floor, per test) would have said."""
+    """What the 0.1 duration rule would have said: total time x1.5 over a 5 ms floor, per
+    test and for each fingerprint summed over all tests, with no evidence needed."""
     a = json.loads(base.read_text())["tests"]
     b = json.loads(new.read_text())["tests"]
+
+    def slower(old: float, now: float) -> bool:
+        return now >= 0.005 and now > old and now / max(old, 0.005) > 1.5
+
+    sums: dict[str, list[float]] = {}
     for nodeid, t in a.items():
         for fid, f in t["fingerprints"].items():
             g = b.get(nodeid, {}).get("fingerprints", {}).get(fid)
-            if (
-                g
-                and g["total_time"] >= 0.005
-                and g["total_time"] > f["total_time"]
-                and g["total_time"] / max(f["total_time"], 0.005) > 1.5
-            ):
+            if g is None:
+                continue
+            if slower(f["total_time"], g["total_time"]):
                 return True
-    return False
+            pair = sums.setdefault(fid, [0.0, 0.0])
+            pair[0] += f["total_time"]
+            pair[1] += g["total_time"]
+    return any(slower(old, now) for old, now in sums.values())
 
 
 def backend_env(backend: str) -> dict[str, str]:
