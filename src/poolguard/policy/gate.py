@@ -377,6 +377,43 @@ class Gate:
                 timeouts_total=self.timeouts_total,
             )
 
+    # -- fleet mode ---------------------------------------------------------------------------
+    #: The capacity, reserve and partition cap the gate was built with, recorded by the first
+    #: :meth:`set_capacity`: later capacities scale from these, never from a scaled value.
+    _configured: tuple[int, int, int] | None = None
+
+    def set_capacity(self, capacity: int) -> None:
+        """Move the number of slots (fleet mode: the connections this process holds leases for).
+
+        The critical reserve and the partition cap scale with it from the values the gate was
+        built with, so critical work keeps its reserve and a route its share whatever the
+        capacity. 0 is allowed: every checkout then has to borrow first. Lowering it takes no
+        slot away from its holder (they come back as usual, and none is granted until fewer
+        than ``capacity`` are held); raising it grants queued waiters at once.
+        """
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
+        with self._lock:
+            if self._configured is None:
+                self._configured = (self.capacity, self.reserve, self.partition_cap)
+            cap0, reserve0, part0 = self._configured
+            reserve = min(math.ceil(reserve0 * capacity / cap0), max(0, capacity - 1))
+            part = max(1, (part0 * capacity) // cap0)
+            self.capacity = capacity
+            self.reserve = reserve
+            self.partition_cap = part
+            self.headroom = max(
+                0, min(max(1, (capacity - reserve - part) // 2), capacity - reserve - 1)
+            )
+            woken = self._dispatch()
+        self._wake(woken)
+
+    @property
+    def configured_capacity(self) -> int:
+        """The capacity the gate was built with (its pool's), whatever :meth:`set_capacity` did."""
+        c = self._configured
+        return self.capacity if c is None else c[0]
+
 
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():

@@ -83,6 +83,7 @@ class _Breaker:
 
     __slots__ = (
         "cooldown",
+        "held",
         "opened_at",
         "probe_at",
         "probed",
@@ -105,6 +106,9 @@ class _Breaker:
         # breaker is open: outcomes reported for the fingerprint come from executions that
         # started before it opened, which say nothing about the statement now.
         self.probed = False
+        # Fleet mode: no probe is let through here until the fleet grants one (see
+        # :meth:`Quarantine.hold_probe`). Always False for a guard without a fleet.
+        self.held = False
 
 
 def _check_seconds(name: str, value: object) -> float:
@@ -190,6 +194,8 @@ class Quarantine:
             left = b.retry_at - now
             if left > 0:
                 return left
+            if b.held:  # fleet mode: another member may be probing; ask again soon
+                return PROBE_RETRY
             # The same expression decides and answers, so a refusal is always > 0.
             left = b.probe_at + self.cooldown - now
             if left <= 0:
@@ -320,6 +326,105 @@ class Quarantine:
     def tracked(self) -> int:
         """How many closed fingerprints have recent time-outs on record (<= MAX_TRACKED)."""
         return len(self._strikes)
+
+    # -- fleet mode ----------------------------------------------------------------------------
+    # A fleet member applies the fleet's state here: breakers opened elsewhere, and the one
+    # probe per cool-down that the fleet grants to a single member. Times arrive as seconds
+    # from ``now`` (the fleet's store has its own clock; no wall clock is compared here).
+
+    def apply_remote(
+        self,
+        fingerprint: str,
+        summary: str,
+        now: float,
+        *,
+        retry_in: float,
+        cooldown: float,
+        trips: int,
+        timeouts: int,
+        hold: bool,
+    ) -> Transition | None:
+        """Open (or align) a breaker to the fleet's state: refused until ``now + retry_in``.
+
+        Returns "opened" when the fingerprint was not quarantined here, "reopened" when the
+        fleet's episode has tripped more often than this breaker knew (a probe failed
+        elsewhere), None when it only aligned the times. A probe running here for the same
+        trip keeps running. Allow-listed fingerprints stay allowed (None).
+        """
+        fp = _check_fingerprint(fingerprint)
+        if fp in self._allowed:
+            return None
+        with self._lock:
+            b = self._breakers.get(fp)
+            if b is None:
+                self._strikes.pop(fp, None)
+                b = self._breakers[fp] = _Breaker(summary, now, cooldown, timeouts)
+                b.retry_at = now + retry_in
+                b.trips = max(1, trips)
+                b.held = hold
+                self.active = True
+                return Transition("opened", fp, summary, cooldown, timeouts)
+            if trips < b.trips:
+                return None  # this breaker is ahead (its probe failed here): the fleet follows
+            reopened = trips > b.trips
+            b.retry_at = now + retry_in
+            b.cooldown = cooldown
+            b.summary = summary
+            b.timeouts = max(b.timeouts, timeouts)
+            if reopened or retry_in > 0:
+                b.trips = max(b.trips, trips)
+                b.probe_at = _NO_PROBE
+                b.probed = False
+                b.held = hold
+            if reopened:
+                return Transition("reopened", fp, summary, cooldown, b.timeouts)
+            return None
+
+    def hold_probe(self, fingerprint: str) -> bool:
+        """Let no probe of this fingerprint through here until :meth:`grant_probe`: the
+        fleet lets exactly one member probe per cool-down. False if it is not quarantined."""
+        with self._lock:
+            b = self._breakers.get(fingerprint)
+            if b is None:
+                return False
+            b.held = True
+            return True
+
+    def grant_probe(self, fingerprint: str) -> bool:
+        """This member may probe (the fleet granted it, or the fleet is out of reach and
+        each member probes for itself). False if it is not quarantined."""
+        with self._lock:
+            b = self._breakers.get(fingerprint)
+            if b is None:
+                return False
+            b.held = False
+            return True
+
+    def probe_status(
+        self, fingerprint: str, now: float
+    ) -> Literal["open", "held", "ready", "probing"] | None:
+        """Where a breaker stands: "open" (cool-down running), "probing" (a probe let through
+        here is in flight), "held" (over, waiting for the fleet's grant), "ready" (the next
+        caller probes); None when the fingerprint is not quarantined."""
+        with self._lock:
+            b = self._breakers.get(fingerprint)
+            if b is None:
+                return None
+            if now < b.retry_at:
+                return "open"
+            if b.probe_at + self.cooldown > now:
+                return "probing"
+            return "held" if b.held else "ready"
+
+    def retry_in(self, fingerprint: str, now: float) -> float | None:
+        """Seconds left in a breaker's cool-down (<= 0 once it is over); None if closed."""
+        b = self._breakers.get(fingerprint)
+        return None if b is None else b.retry_at - now
+
+    def quarantined_ids(self) -> list[str]:
+        """The fingerprints open or half-open here, in the order they were opened."""
+        with self._lock:
+            return list(self._breakers)
 
     # -- internals (called with the lock held) --------------------------------------------------
     def _close(self, fingerprint: str, b: _Breaker) -> Transition:

@@ -1,0 +1,448 @@
+"""One guard's membership of a Redis fleet: its leases, its threads, its degraded mode.
+
+The member moves its gate's capacity to the leases it holds (see
+:mod:`poolguard.fleet.shares` for the arithmetic) and leaves the quarantine to
+:class:`~poolguard.fleet.quarantine_link.QuarantineLink`. Redis is a helper, never a
+dependency of a request:
+
+- a checkout within the base share touches only the local gate; :meth:`borrow` runs when
+  the gate is full and makes one round trip with a socket time-out of tens of milliseconds;
+  async callers borrow on their own loop's ``redis.asyncio`` client;
+- renewals are batched: one heartbeat per member renews all its leases, whatever its
+  checkout rate, on a worker thread of its own, which also sends strikes and claims probes;
+- when a round trip fails the member is *degraded*: its gate falls back to its last known
+  base share (so every member doing the same keeps the fleet within the cap), breakers keep
+  working locally, an alert goes out, and the heartbeat keeps trying; the first success
+  rejoins (the member registers what it uses, reads the quarantine state, and carries on).
+
+Requests are sequence-numbered: Redis drops a request older than the last it applied for
+the member and the member ignores a reply older than the last it applied, so a borrow and a
+heartbeat that cross never leave the gate above the leases.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from poolguard.fleet import shares
+from poolguard.fleet.metrics import FleetMetrics
+from poolguard.fleet.quarantine_link import QuarantineLink
+from poolguard.fleet.store import Reply, Store, StoreError
+from poolguard.observe.alerts import ALERT_KINDS, Alert, Alerter
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
+
+    from poolguard.fleet.redis_fleet import RedisFleet
+    from poolguard.policy.gate import Gate
+    from poolguard.policy.quarantine import Quarantine, Transition
+
+__all__ = ["RedisMember"]
+
+log = logging.getLogger("poolguard.fleet")
+
+
+class RedisMember:
+    """Implements :class:`~poolguard.fleet.protocol.FleetMember` on Redis."""
+
+    def __init__(
+        self,
+        fleet: RedisFleet,
+        *,
+        gate: Gate,
+        quarantine: Quarantine,
+        alerts: Alerter,
+        pool_capacity: int,
+        on_transition: Callable[[Transition], None] | None = None,
+        meter_provider: MeterProvider | None = None,
+    ) -> None:
+        self.fleet = fleet
+        self.gate = gate
+        self.alerts = alerts
+        self.pool = max(0, int(pool_capacity))
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+        self.store = Store(fleet.url, fleet.name, socket_timeout=fleet.socket_timeout)
+        self._wake_event = threading.Event()
+        self.link = QuarantineLink(
+            self.store,
+            quarantine,
+            self.id,
+            linger=fleet.quarantine_linger,
+            probe_lease=fleet.probe_lease,
+            on_transition=on_transition,
+            wake=self._wake_event.set,
+        )
+        self._info = json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "pool": self.pool}
+        )
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()
+        self._applied_seq = 0
+        self._in_flight = 0
+        self._no_borrow_until = 0.0
+        self._stop = threading.Event()
+        self.closed = False
+        self.known = False  # reached Redis at least once: its base share is known
+        self.degraded = False
+        self.leases = 0
+        self.base = 0
+        self.members = 0
+        self.total = 0
+        self.starving = False
+        self.last_sync = 0.0
+        self.counts = {"granted": 0, "refused": 0, "failed": 0, "skipped": 0}
+        self.degraded_episodes = 0
+        self.metrics = FleetMetrics(self, fleet=fleet.name, meter_provider=meter_provider)
+        # Nothing is used before Redis says how much: the first heartbeat runs here, so the
+        # member starts with its base share (or its fallback) and the fleet's quarantine.
+        gate.set_capacity(0)
+        self._heartbeat()
+        self._worker = threading.Thread(
+            target=self._run, name=f"poolguard-fleet-{fleet.name}", daemon=True
+        )
+        self._listener = threading.Thread(
+            target=self._listen, name=f"poolguard-fleet-{fleet.name}-events", daemon=True
+        )
+        self._worker.start()
+        self._listener.start()
+
+    # -- the protocol --------------------------------------------------------------------------
+    def borrow(self) -> bool:
+        started = self._borrow_start()
+        if started is None:
+            return False
+        want, seq = started
+        t0 = time.perf_counter()
+        try:
+            reply = self.store.sync(
+                self.id,
+                seq,
+                want=want,
+                claim=0,
+                ttl=self.fleet.lease_ttl,
+                cap=self.fleet.max_connections,
+                pool=self.pool,
+                info=self._info,
+                rejoin=False,
+            )
+        except StoreError as e:
+            return self._borrow_failed(e, t0)
+        return self._borrow_done(reply, want, t0)
+
+    async def borrow_async(self) -> bool:
+        started = self._borrow_start()
+        if started is None:
+            return False
+        want, seq = started
+        t0 = time.perf_counter()
+        try:
+            reply = await self.store.sync_async(
+                self.id,
+                seq,
+                want=want,
+                ttl=self.fleet.lease_ttl,
+                cap=self.fleet.max_connections,
+                pool=self.pool,
+                info=self._info,
+            )
+        except StoreError as e:
+            return self._borrow_failed(e, t0)
+        except BaseException:  # cancelled: the heartbeat reconciles what Redis granted
+            with self._lock:
+                self._in_flight -= 1
+            raise
+        return self._borrow_done(reply, want, t0)
+
+    def strike(self, fingerprint: str, summary: str) -> None:
+        if not self.closed:
+            self.link.strike(fingerprint, summary)
+
+    def transition(self, t: Transition) -> None:
+        if not self.closed:
+            self.link.transition(t)
+
+    def released(self, fingerprint: str) -> None:
+        if not self.closed:
+            self.link.released(fingerprint)
+
+    def snapshot(self) -> dict[str, Any]:
+        g = self.gate
+        return {
+            "name": self.fleet.name,
+            "member": self.id,
+            "redis": self.fleet.where,
+            "mode": "closed" if self.closed else "degraded" if self.degraded else "connected",
+            "max_connections": self.fleet.max_connections,
+            "members": self.members,
+            "share": self.base,
+            "leases": self.leases,
+            "borrowed": max(0, self.leases - self.base),
+            "capacity": g.capacity,
+            "held": g.held,
+            "starving": self.starving,
+            "last_sync_age": round(time.monotonic() - self.last_sync, 3) if self.known else None,
+            "borrows": dict(self.counts),
+            "degraded_episodes": self.degraded_episodes,
+            "quarantine": self.link.figures(),
+        }
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._stop.set()
+        self._wake_event.set()
+        for t in (self._worker, self._listener):
+            if t is not threading.current_thread():
+                t.join(timeout=2.0)
+        try:
+            self.store.leave(self.id)
+        except StoreError:
+            pass  # the leases expire within one TTL
+        self.store.close_clients()
+
+    # -- figures -------------------------------------------------------------------------------
+    def figures(self) -> dict[str, int]:
+        return {
+            "leases": self.leases,
+            "share": self.base,
+            "capacity": self.gate.capacity,
+            "members": self.members,
+            "degraded": int(self.degraded),
+        }
+
+    # -- borrowing -----------------------------------------------------------------------------
+    def _borrow_start(self) -> tuple[int, int] | None:
+        if self.closed or self.degraded or self.starving:
+            self.counts["skipped"] += 1
+            return None
+        if time.monotonic() < self._no_borrow_until:
+            self.counts["skipped"] += 1
+            return None
+        g = self.gate
+        with self._lock:
+            want = shares.borrow_want(
+                leases=self.leases,
+                held=g.held,
+                waiting=g.waiting,
+                in_flight=self._in_flight,
+                pool=self.pool,
+            )
+            if want <= g.capacity:
+                self.counts["skipped"] += 1
+                return None
+            self._in_flight += 1
+        return want, next(self._seq)
+
+    def _borrow_done(self, reply: Reply, want: int, t0: float) -> bool:
+        elapsed = time.perf_counter() - t0
+        before = self.gate.capacity
+        with self._lock:
+            self._in_flight -= 1
+        self._apply(reply, keep=self.pool)
+        raised = self.gate.capacity > before
+        if reply.leases < want:
+            self._no_borrow_until = time.monotonic() + self.fleet.refusal_backoff
+        outcome = "granted" if raised else "refused"
+        self.counts[outcome] += 1
+        self.metrics.borrow(outcome, elapsed)
+        return raised
+
+    def _borrow_failed(self, err: BaseException, t0: float) -> bool:
+        with self._lock:
+            self._in_flight -= 1
+        self.counts["failed"] += 1
+        self.metrics.borrow("failed", time.perf_counter() - t0)
+        self._lose(err)
+        return False
+
+    # -- heartbeat -----------------------------------------------------------------------------
+    def _heartbeat(self) -> None:
+        g = self.gate
+        rejoin = self.degraded or self.known
+        plan = shares.heartbeat_plan(
+            capacity=g.capacity,
+            held=g.held,
+            waiting=g.waiting,
+            base=self.base,
+            pool=self.pool,
+            starving=self.starving,
+        )
+        seq = next(self._seq)
+        if plan.lower_to is not None and not self.degraded:
+            with self._lock:
+                self._applied_seq = seq
+                g.set_capacity(plan.lower_to)
+        want = max(plan.want, g.held)
+        if not self.known:
+            want = 0  # learn the fair share first; the next round trip asks for it
+        try:
+            reply = self.store.sync(
+                self.id,
+                seq,
+                want=want,
+                claim=g.capacity if rejoin else 0,
+                ttl=self.fleet.lease_ttl,
+                cap=self.fleet.max_connections,
+                pool=self.pool,
+                info=self._info,
+                rejoin=rejoin,
+            )
+            if not self.known:
+                base = shares.base_share(reply.fair, self.pool)
+                seq = next(self._seq)
+                reply = self.store.sync(
+                    self.id,
+                    seq,
+                    want=base,
+                    claim=0,
+                    ttl=self.fleet.lease_ttl,
+                    cap=self.fleet.max_connections,
+                    pool=self.pool,
+                    info=self._info,
+                    rejoin=False,
+                )
+                plan = shares.Plan(lower_to=None, want=base, keep=self.pool)
+        except StoreError as e:
+            self._lose(e)
+            return
+        was_degraded = self.degraded
+        if was_degraded:
+            with self._lock:
+                self.degraded = False
+                self._applied_seq = 0  # replies from before the outage are stale anyway
+            self.link.regain_redis()
+        self._apply(reply, keep=plan.keep)
+        if was_degraded:
+            self._alert(
+                "fleet_rejoined",
+                f"fleet {self.fleet.name}: Redis reachable again; rejoined with "
+                f"{self.leases} of {self.fleet.max_connections} connections",
+            )
+            try:
+                self.link.resync()
+            except StoreError as e:
+                self._lose(e)
+                return
+        elif reply.qver != self.link.qver:
+            try:
+                self.link.resync()
+            except StoreError as e:
+                self._lose(e)
+
+    def _apply(self, reply: Reply, *, keep: int) -> None:
+        with self._lock:
+            if self.degraded or self.closed or reply.seq < self._applied_seq:
+                return
+            self._applied_seq = reply.seq
+            self.known = True
+            self.leases = reply.leases
+            self.members = reply.members
+            self.total = reply.total
+            self.base = shares.base_share(reply.fair, self.pool)
+            self.starving = reply.starving
+            self.last_sync = time.monotonic()
+            self.gate.set_capacity(max(0, min(reply.leases, self.pool, keep)))
+
+    # -- degraded mode -------------------------------------------------------------------------
+    def _lose(self, err: BaseException) -> None:
+        with self._lock:
+            if self.degraded or self.closed:
+                return
+            self.degraded = True
+            self._applied_seq = next(self._seq)  # whatever reply is still in flight is stale
+            cap = shares.degraded_capacity(
+                base=self.base, fallback=min(self.fleet.fallback_share, self.pool), known=self.known
+            )
+            self.gate.set_capacity(cap)
+        self.degraded_episodes += 1
+        self.metrics.degraded()
+        self.link.lose_redis()
+        self._alert(
+            "fleet_degraded",
+            f"fleet {self.fleet.name}: Redis unreachable ({type(err).__name__}); running on a "
+            f"local cap of {self.gate.capacity} connections until it is back",
+        )
+
+    def _alert(self, kind: str, message: str) -> None:
+        attrs: dict[str, str | int | float] = {
+            "fleet": self.fleet.name,
+            "capacity": self.gate.capacity,
+            "max_connections": self.fleet.max_connections,
+        }
+        if kind in ALERT_KINDS:
+            self.alerts.emit(cast(Any, kind), self.fleet.name, message, attrs, time.monotonic())
+            return
+        # An Alerter without the fleet's kinds: log it the same way, and call back.
+        self.alerts.logger.warning(
+            "poolguard alert %s: %s",
+            kind,
+            message,
+            extra={"poolguard_alert": kind, "poolguard": attrs},
+        )
+        cb = self.alerts.callback
+        if cb is not None:
+            try:
+                cb(Alert(kind=cast(Any, kind), message=message, attributes=attrs, at=time.time()))
+            except Exception as exc:
+                self.alerts.logger.error(
+                    "poolguard alert callback failed with %s", type(exc).__name__
+                )
+
+    # -- threads -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        every = self.fleet.heartbeat
+        next_beat = time.monotonic() + every
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self._heartbeat()
+                next_beat = time.monotonic() + every
+            come_back = next_beat
+            if not self.degraded:
+                try:
+                    come_back = min(come_back, self.link.work())
+                except StoreError as e:
+                    self._lose(e)
+            self._wake_event.wait(max(0.0, min(come_back - time.monotonic(), every)))
+            self._wake_event.clear()
+
+    def _listen(self) -> None:
+        ps: Any = None
+        while not self._stop.is_set():
+            try:
+                if ps is None:
+                    ps = self.store.pubsub()
+                    if self.link.qver >= 0:
+                        self.link.qver = -2  # messages may have been missed: resync
+                msg = ps.get_message(timeout=0.2)
+            except StoreError:
+                if ps is not None:
+                    _close_quietly(ps)
+                ps = None
+                self._stop.wait(self.fleet.heartbeat)
+                continue
+            if msg is None or msg.get("type") != "message":
+                continue
+            from poolguard.fleet.store import parse_entry
+
+            e = parse_entry(msg["data"])
+            if e is not None and e.origin != self.id:
+                self.link.apply(e)
+        if ps is not None:
+            _close_quietly(ps)
+
+
+def _close_quietly(ps: Any) -> None:
+    try:
+        ps.close()
+    except Exception:  # closing a dead connection: nothing to do
+        pass
