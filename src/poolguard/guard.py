@@ -33,7 +33,12 @@ from poolguard.observe.alerts import Alerter
 from poolguard.observe.fingerprint import fingerprint
 from poolguard.observe.refusals import MAX_PARTITIONS, OTHER
 from poolguard.observe.state import GuardView
-from poolguard.observe.telemetry import Telemetry, db_system_name, instrumented_by_opentelemetry
+from poolguard.observe.telemetry import (
+    PoolState,
+    Telemetry,
+    db_system_name,
+    instrumented_by_opentelemetry,
+)
 from poolguard.policy.gate import DEFAULT_PARTITION, Gate
 from poolguard.policy.quarantine import Quarantine
 from poolguard.policy.shedding import Decision
@@ -47,14 +52,19 @@ if TYPE_CHECKING:
 
 __all__ = ["PoolGuard", "active_guards"]
 
-_guards: weakref.WeakKeyDictionary[Engine, PoolGuard] = weakref.WeakKeyDictionary()
+#: Every installed guard. Weak: a guard and its engine reference each other (the engine
+#: through its listeners and ``_ENGINE_ATTR``), so an application that drops both gets both
+#: collected; a mapping keyed by engine whose values hold the engine would keep them forever.
+_guards: weakref.WeakSet[PoolGuard] = weakref.WeakSet()
 _guards_lock = threading.Lock()
+#: The engine attribute naming its guard (one guard per engine).
+_ENGINE_ATTR = "_poolguard_guard"
 
 
 def active_guards() -> list[PoolGuard]:
     """Every guard installed and not closed (the test suite's leak check reads it)."""
     with _guards_lock:
-        return list(_guards.values())
+        return list(_guards)
 
 
 class PoolGuard:
@@ -82,7 +92,9 @@ class PoolGuard:
     ) -> None:
         sync_engine = sync_engine_of(engine)
         config = GuardConfig.from_options(**options)
-        if fleet is not None and not callable(getattr(fleet, "join", None)):
+        if fleet is not None and (
+            isinstance(fleet, (str, bytes)) or not callable(getattr(fleet, "join", None))
+        ):
             raise TypeError(f"fleet must be a RedisFleet or None, got {type(fleet).__name__}")
         self.config = config
         self.engine = engine
@@ -120,7 +132,7 @@ class PoolGuard:
             telemetry=Telemetry(
                 pool_name=name,
                 db_system=db_system_name(sync_engine.dialect),
-                pool_state=lambda: self._view.pool_state(),
+                pool_state=_weak_pool_state(weakref.ref(self)),
                 meter_provider=tc.meter_provider,
                 tracer_provider=tc.tracer_provider,
                 trace_statements=tc.trace_statements,
@@ -146,11 +158,12 @@ class PoolGuard:
         self._partition_names: set[str] = set()
         self._listeners: list[tuple[Any, str, Callable[..., Any]]] = []
         with _guards_lock:
-            if sync_engine in _guards:
+            if sync_engine.__dict__.get(_ENGINE_ATTR) is not None:
                 raise RuntimeError(
                     "engine already has a PoolGuard installed; close() it before installing another"
                 )
-            _guards[sync_engine] = self
+            sync_engine.__dict__[_ENGINE_ATTR] = self
+            _guards.add(self)
         try:
             self._install()
             if fleet is not None:
@@ -281,8 +294,9 @@ class PoolGuard:
             p.fleet.close()
         p.telemetry.close()
         with _guards_lock:
-            if _guards.get(self.sync_engine) is self:
-                del _guards[self.sync_engine]
+            _guards.discard(self)
+            if self.sync_engine.__dict__.get(_ENGINE_ATTR) is self:
+                del self.sync_engine.__dict__[_ENGINE_ATTR]
 
     def __enter__(self) -> PoolGuard:
         return self
@@ -310,6 +324,17 @@ class PoolGuard:
             event.listen(e, name, fn, **kw)
             self._listeners.append((e, name, fn))
         c.patch(e.pool)
+
+
+def _weak_pool_state(ref: weakref.ref[PoolGuard]) -> Callable[[], PoolState | None]:
+    """The gauges' reader; weak, because a metrics SDK keeps its callbacks until the guard
+    closes, and must not keep a dropped engine alive."""
+
+    def read() -> PoolState | None:
+        guard = ref()
+        return guard._view.pool_state() if guard is not None else None
+
+    return read
 
 
 def _as_fingerprint_id(item: str) -> str:

@@ -169,7 +169,7 @@ class Telemetry:
         *,
         pool_name: str,
         db_system: str,
-        pool_state: Callable[[], PoolState],
+        pool_state: Callable[[], PoolState | None],
         meter_provider: MeterProvider | None = None,
         tracer_provider: TracerProvider | None = None,
         trace_statements: Literal["all", "slow", "off"] = "all",
