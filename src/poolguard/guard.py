@@ -17,36 +17,27 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from typing_extensions import Unpack
 
 from poolguard.config import GuardConfig, GuardOptions
+from poolguard.core.assemble import build_parts, fingerprint_id
 from poolguard.core.budget import PRIORITIES, PRIORITY_RANK, Budget, scope_context
 from poolguard.core.checkout import CheckoutPath
-from poolguard.core.engines import default_pool_name, pool_capacity, sync_engine_of
-from poolguard.core.outcome import Outcomes
-from poolguard.core.own_sessions import OwnSessions
-from poolguard.core.parts import Parts
+from poolguard.core.engines import pool_capacity, sync_engine_of
 from poolguard.core.statements import StatementPath
 from poolguard.core.watchdog import Watchdog
-from poolguard.dialects import enforcer_for
-from poolguard.observe.alerts import Alerter
-from poolguard.observe.fingerprint import fingerprint
 from poolguard.observe.refusals import MAX_PARTITIONS, OTHER
 from poolguard.observe.state import GuardView
 from poolguard.observe.telemetry import (
     PoolState,
-    Telemetry,
-    db_system_name,
-    instrumented_by_opentelemetry,
 )
-from poolguard.policy.gate import DEFAULT_PARTITION, Gate
-from poolguard.policy.quarantine import Quarantine
+from poolguard.policy.gate import DEFAULT_PARTITION
 from poolguard.policy.shedding import Decision
 
 if TYPE_CHECKING:
     # Only for annotations: importing SQLAlchemy's asyncio extension needs greenlet, which a
     # core install (SQLAlchemy 2.1 no longer pulls it in) does not have.
     from sqlalchemy.ext.asyncio import AsyncEngine
+    from typing_extensions import Unpack
 
     from poolguard.fleet.protocol import Fleet
 
@@ -100,57 +91,8 @@ class PoolGuard:
         self.engine = engine
         self.sync_engine = sync_engine
         self._closed = False
-        t, q = config.timeouts, config.quarantine
         cap = config.gate.capacity or pool_capacity(sync_engine.pool)
-        enforcer = enforcer_for(
-            sync_engine.dialect,
-            pg_mode=t.pg_timeout_mode,
-            lock_timeout=t.lock_timeout,
-            idle_in_transaction_timeout=t.idle_in_transaction_timeout,
-        )
-        quarantine = Quarantine(
-            threshold=q.threshold,
-            window=q.window,
-            cooldown=q.cooldown,
-            max_cooldown=q.max_cooldown,
-            allow=[_as_fingerprint_id(item) for item in q.allow],
-        )
-        name = config.telemetry.pool_name or default_pool_name(sync_engine)
-        self._view: GuardView
-        tc = config.telemetry
-        parts = Parts(
-            config=config,
-            engine=sync_engine,
-            pool_name=name,
-            gate=Gate(
-                cap,
-                reserve=config.gate.reserve_for(cap),
-                max_share=config.gate.partition_share,
-            ),
-            enforcer=enforcer,
-            quarantine=quarantine,
-            telemetry=Telemetry(
-                pool_name=name,
-                db_system=db_system_name(sync_engine.dialect),
-                pool_state=_weak_pool_state(weakref.ref(self)),
-                meter_provider=tc.meter_provider,
-                tracer_provider=tc.tracer_provider,
-                trace_statements=tc.trace_statements,
-                slow_statement_threshold=tc.slow_statement_threshold,
-                # opentelemetry-instrumentation-sqlalchemy already traces statements.
-                statement_spans=not instrumented_by_opentelemetry(sync_engine),
-                operation_metrics=tc.operation_metrics,
-                exception_events=tc.exception_events,
-            ),
-            alerts=Alerter(config.alerts.on_alert, debounce=config.alerts.debounce),
-            fingerprint=fingerprint,
-            storm_threshold=max(10, 2 * cap),
-        )
-        enforcer.verify_ids = parts.track_pids
-        if parts.track_pids:
-            parts.own_sessions = OwnSessions(parts)
-            parts.blame = parts.own_sessions if parts.blame_lock_holders else None
-        parts.outcomes = Outcomes(parts)
+        parts = build_parts(sync_engine, config, cap, _weak_pool_state(weakref.ref(self)))
         self._parts = parts
         self._view = GuardView(parts)
         self._checkout = CheckoutPath(parts)
@@ -168,7 +110,10 @@ class PoolGuard:
             self._install()
             if fleet is not None:
                 parts.fleet = fleet.join(
-                    gate=parts.gate, quarantine=quarantine, alerts=parts.alerts, pool_capacity=cap
+                    gate=parts.gate,
+                    quarantine=parts.quarantine,
+                    alerts=parts.alerts,
+                    pool_capacity=cap,
                 )
         except BaseException:
             self.close()
@@ -267,7 +212,7 @@ class PoolGuard:
                 "release() takes a fingerprint id or the statement's SQL, got "
                 f"{type(fingerprint_or_sql).__name__}"
             )
-        fp_id = _as_fingerprint_id(fingerprint_or_sql)
+        fp_id = fingerprint_id(fingerprint_or_sql)
         p = self._parts
         t = p.quarantine.release(fp_id, time.monotonic())
         if p.fleet is not None:
@@ -335,9 +280,3 @@ def _weak_pool_state(ref: weakref.ref[PoolGuard]) -> Callable[[], PoolState | No
         return guard._view.pool_state() if guard is not None else None
 
     return read
-
-
-def _as_fingerprint_id(item: str) -> str:
-    if len(item) == 16 and all(c in "0123456789abcdef" for c in item):
-        return item
-    return fingerprint(item).id
