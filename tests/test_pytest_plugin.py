@@ -87,7 +87,7 @@ def _plugin_listeners() -> list[object]:
             fn
             for name in ("before_cursor_execute", "after_cursor_execute")
             for fn in getattr(engine.dispatch, name)
-            if getattr(fn, "__module__", "") == "poolguard.integrations.pytest_plugin"
+            if getattr(fn, "__module__", "") == "poolguard.integrations.query_budget"
         ]
     finally:
         engine.dispose()
