@@ -15,7 +15,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -136,3 +136,146 @@ def fleet_keys(server: RedisServer, name: str) -> dict[str, Any]:
         }
     finally:
         c.close()
+
+
+# -- child processes -----------------------------------------------------------------------
+#: Counts checkouts held across processes, atomically, in the test's own Redis keys: one
+#: hash field per child (so a child killed with SIGKILL is dropped by its parent) and the
+#: highest total ever seen.
+_HOLD = """
+local v = redis.call('HINCRBY', KEYS[1], ARGV[1], tonumber(ARGV[2]))
+local total = 0
+for _, x in ipairs(redis.call('HVALS', KEYS[1])) do total = total + tonumber(x) end
+local peak = tonumber(redis.call('GET', KEYS[2]) or '0')
+if total > peak then redis.call('SET', KEYS[2], total) end
+return total
+"""
+
+
+class HoldCounter:
+    """The fleet-wide number of checkouts held right now, and its peak (test keys)."""
+
+    def __init__(self, url: str, tag: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10)
+        self.keys = [f"test:{tag}:held", f"test:{tag}:peak"]
+        self.script = self.client.register_script(_HOLD)
+
+    def add(self, who: str, n: int) -> int:
+        return int(self.script(keys=self.keys, args=[who, n]))
+
+    def drop(self, who: str) -> None:
+        self.client.hdel(self.keys[0], who)
+
+    def peak(self) -> int:
+        return int(self.client.get(self.keys[1]) or 0)
+
+    def now(self) -> int:
+        return sum(int(x) for x in self.client.hvals(self.keys[0]))
+
+
+def gate_worker(
+    url: str,
+    name: str,
+    who: str,
+    fleet_kw: dict[str, Any],
+    pool: int,
+    threads: int,
+    duration: float,
+    hold: float,
+    out: Any,
+) -> None:
+    """A child process: one member over a real Gate, ``threads`` threads checking out slots
+    (borrowing when the gate is full, as the guard does) and holding each for ``hold`` s.
+    Puts a result dict on ``out`` when done (a child killed mid-run puts nothing)."""
+    import threading as th
+
+    from poolguard.fleet import RedisFleet
+    from poolguard.observe.alerts import Alerter
+    from poolguard.policy.gate import Gate
+    from poolguard.policy.quarantine import Quarantine
+
+    gate = Gate(pool)
+    member = RedisFleet(url, name=name, **fleet_kw).join(
+        gate=gate, quarantine=Quarantine(), alerts=Alerter(), pool_capacity=pool
+    )
+    counter = HoldCounter(url, name)
+    stop = time.monotonic() + duration
+    got = [0, 0]  # acquired, refused
+    lock = th.Lock()
+
+    def loop() -> None:
+        while time.monotonic() < stop:
+            t = gate.try_acquire("default", 1)
+            if t is None and member.borrow():
+                t = gate.try_acquire("default", 1)
+            if t is None:
+                t = gate.acquire("default", 1, 0.2)
+            if t is None:
+                with lock:
+                    got[1] += 1
+                continue
+            counter.add(who, 1)
+            time.sleep(hold)
+            counter.add(who, -1)
+            gate.release(t)
+            with lock:
+                got[0] += 1
+
+    ts = [th.Thread(target=loop) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    snap = member.snapshot()
+    member.close()
+    g = gate.snapshot()
+    out.put(
+        {
+            "who": who,
+            "acquired": got[0],
+            "refused": got[1],
+            "held": g.held,
+            "waiting": g.waiting,
+            "fleet": snap,
+        }
+    )
+
+
+def spawn(target: Callable[..., None], *args: Any) -> Any:
+    """Start ``target(*args)`` in a fresh interpreter (spawn: no inherited threads)."""
+    import multiprocessing as mp
+
+    p = mp.get_context("spawn").Process(target=target, args=args, daemon=True)
+    p.start()
+    return p
+
+
+def queue() -> Any:
+    import multiprocessing as mp
+
+    return mp.get_context("spawn").Queue()
+
+
+def live_leases(server: RedisServer, name: str) -> dict[str, int]:
+    """Leases in Redis that have not expired (by Redis's clock): what a test must leave at
+    zero. A member killed with SIGKILL leaves a row behind that expires within one TTL."""
+    c = server.client()
+    try:
+        p = f"poolguard:{{{name}}}:"
+        sec, usec = c.time()
+        now = sec * 1000 + usec // 1000
+        alive = {m for m, exp in c.zrange(p + "expiry", 0, -1, withscores=True) if exp > now}
+        return {k: int(v) for k, v in c.hgetall(p + "leases").items() if k in alive}
+    finally:
+        c.close()
+
+
+def private_redis() -> Iterator[RedisServer]:
+    """A private redis-server for one test (a fixture body: ``yield from private_redis()``)."""
+    server = RedisServer()
+    try:
+        yield server
+    finally:
+        server.stop()
