@@ -296,8 +296,14 @@ def test_backslash_escapes_only_in_e_strings() -> None:
     assert normalize("SELECT E'it\\'s secret', x FROM t") == "select ?, x from t"
     assert normalize("SELECT e'\\\\', x FROM t") == "select ?, x from t"
     assert normalize("SELECT E'a''b\\n', x FROM t") == "select ?, x from t"
-    # standard strings: a backslash is just a character
-    assert normalize("SELECT 'C:\\', x FROM t WHERE y = 'z'") == "select ?, x from t where y = ?"
+    # PostgreSQL's standard strings: a backslash is just a character
+    sql = "SELECT 'C:\\', x FROM t WHERE y = 'z'"
+    assert normalize(sql, "postgresql") == "select ?, x from t where y = ?"
+    # MySQL: "\\'" escapes the quote, so the string runs to "= '"; then z, then a string
+    assert normalize(sql, "mysql") == "select ?z?"
+    # generic: the readings disagree on where the string ends, so the rest is redacted
+    assert normalize(sql) == "select ?"
+    assert normalize("SELECT 'a\\\\b', x FROM t") == "select ?, x from t"  # both agree
 
 
 def test_unterminated_string_never_leaks() -> None:
@@ -461,8 +467,8 @@ def test_cache_is_bounded() -> None:
     big = "SELECT " + ", ".join(f"c{i}" for i in range(30_000))
     for i in range(40):
         fingerprint(f"{big}, extra_{i} FROM t")
-    assert fpmod._chars <= fpmod._MAX_CHARS
-    assert fpmod._chars == sum(len(k) + len(v.normalized) for k, v in fpmod._cache.items())
+    assert fpmod._GENERIC.chars <= fpmod._MAX_CHARS
+    assert fpmod._GENERIC.chars == sum(len(k) + len(v.normalized) for k, v in fpmod._cache.items())
     cache_clear()
 
 
@@ -499,6 +505,9 @@ class Lit:
     sql: str  # as embedded in the statement
     canonical: str  # another literal of the same kind, with other values
     secrets: tuple[str, ...]  # pieces of the value that must never come out
+    #: False when the generic lexer may redact more than the literal (a standard string
+    #: whose end depends on backslash escapes): then only literal-freedom is checked.
+    exact: bool = True
 
 
 _ALNUM_RUN = re.compile(r"[^\W_]{3,}")
@@ -527,10 +536,14 @@ def _string_literals(draw: st.DrawFn) -> Lit:
     kind = draw(st.sampled_from(["std", "e", "n", "dollar", "date", "interval"]))
     if kind == "std":
         sql = "'" + value.replace("'", "''") + "'"
+        if "\\" in value:
+            return Lit(sql, "'x'", _secrets_of_text(value), exact=False)
     elif kind == "e":
         sql = "E'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     elif kind == "n":
         sql = "N'" + value.replace("'", "''") + "'"
+        if "\\" in value:
+            return Lit(sql, "'x'", _secrets_of_text(value), exact=False)
     elif kind == "dollar":
         tag = draw(st.sampled_from(["", "q", "body", "x_1"]))
         quote = f"${tag}$"
@@ -580,8 +593,9 @@ def _check(template: str, lits: list[Lit]) -> None:
     reference = template.format(*(lit.canonical for lit in lits))
     fp = fpmod._make(sql)
     ref = fpmod._make(reference)
-    assert fp.id == ref.id, (sql, fp.normalized, ref.normalized)
-    assert fp.summary == ref.summary
+    if all(lit.exact for lit in lits):
+        assert fp.id == ref.id, (sql, fp.normalized, ref.normalized)
+        assert fp.summary == ref.summary
     template_text = ref.normalized.casefold() + " " + ref.summary.casefold()
     for lit in lits:
         for secret in lit.secrets:

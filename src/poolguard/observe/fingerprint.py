@@ -6,55 +6,44 @@ number of rows in a ``VALUES`` list, the driver's paramstyle) must get the same 
 and nothing derived from it may ever carry a value: values are personal data, and a
 per-value key would make every bounded table in poolguard overflow.
 
-What counts as a value, beyond the obvious (strings of every prefix and quoting, dollar
-quotes, numbers, TRUE/FALSE and every DBAPI paramstyle's markers, all become ``?``): the
-sign of a number (``x = -5`` is ``x = ?``), a ``::type`` cast on a placeholder (SQLAlchemy
-adds them for psycopg 3, asyncpg and pg8000 but not for psycopg2, and a driver migration
-must not change ids), the length of ``IN``, ``ARRAY[...]`` and ``VALUES`` lists (all become
-``(...)``; identical ``VALUES`` rows that are not plain lists are kept once), and the
-generated name in ``SAVEPOINT sa_savepoint_7``. ``NULL`` and typed-literal keywords
-(``DATE ?``) stay: they are structure.
-
-Why a single-pass tokenizer rather than a chain of ``re.sub`` calls: only a tokenizer knows
-whether a ``--``, a ``'`` or a digit is inside a string, a quoted identifier, a comment or
-the SQL itself. A chain of substitutions gets ``'it''s -- not a comment'`` or ``table1``
-wrong sooner or later, and each extra pattern is another chance of catastrophic
-backtracking. Here one compiled alternation is matched at each position; every
-alternative is linear (unrolled loops, no nested ambiguous quantifiers), so a 1 MiB
-statement costs time proportional to its length. Unterminated strings, comments and
-identifiers simply run to the end of the statement.
+The work is cut in three: :mod:`poolguard.observe.lexer` knows each dialect's lexical rules
+(where strings, identifiers and comments end), :mod:`poolguard.observe.normalize` turns the
+tokens into the normal form and the summary, and this module caches the result per
+statement string and per dialect. Use :func:`fingerprinter_for` with the engine's
+``dialect.name``; :func:`fingerprint` is the conservative generic reading, for statements
+whose dialect is unknown.
 
 Why a cache keyed by the statement string: SQLAlchemy hands the same compiled ``str``
 objects to the cursor again and again, so the hot path is one ``dict.get`` (no lock; a
 plain dict read is atomic under the GIL and per-object locked on free-threaded builds).
 Misses take a lock, so eviction (drop the oldest half once the entry or character budget is
-reached) never races with another insertion.
+reached) never races with another insertion. One cache per lexer, because the same string
+can mean different things to two dialects (``"x"`` is a string in MySQL).
 
 The id is ``blake2b(normalized, digest_size=8)`` in hex: unlike ``hash()`` it is the same in
 every process, on every machine and in every Python version, so it can be written to logs,
 alerts and configuration (``quarantine allow``-lists) and still mean the same statement
-tomorrow.
-
-Dialect choices, since the statement's dialect is not known here:
-
-* ``'...'`` follows the SQL standard (``''`` escapes a quote, a backslash is a character);
-  ``E'...'`` takes backslash escapes. MySQL's default backslash escapes inside plain
-  strings are therefore not honoured; SQLAlchemy never renders them (it uses bound
-  parameters, and doubles quotes when rendering literals).
-* ``"..."`` and backquotes are identifiers and are kept verbatim (MySQL without
-  ``ANSI_QUOTES`` would read ``"..."`` as a string).
-* ``#`` starts a MySQL comment unless it begins one of PostgreSQL's ``#>``, ``#>>``,
-  ``#-`` or ``##`` operators.
+tomorrow. Statements that every dialect reads alike get the same id from every fingerprinter.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["Fingerprint", "cache_clear", "cache_info", "fingerprint", "normalize"]
+from poolguard.observe.lexer import GENERIC, Lexer, lexer_for
+from poolguard.observe.normalize import analyze
+
+__all__ = [
+    "Fingerprint",
+    "cache_clear",
+    "cache_info",
+    "fingerprint",
+    "fingerprinter_for",
+    "normalize",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,323 +67,17 @@ class Fingerprint:
     operation: str
 
 
-# ---------------------------------------------------------------------------------------
-# Tokenizer
-
-# One match per token: the whitespace and comments in front of it (which become a single
-# space), then the token. The prefix cannot backtrack badly: every alternative after it can
-# match (OP takes any character, END the end), so its first, greedy attempt always succeeds.
-# Order matters: WORD refuses the prefixes of E'', N'', X'', B'', U&'' strings and of
-# SQLAlchemy's post-compile marker; NUM refuses to be followed by a word character, so that
-# DIGITWORD keeps MySQL identifiers such as ``2fa_codes`` whole. A dotted name (``t1.col``)
-# is one WORD: fewer matches, and the regex engine is where a miss spends its time.
-_TOKEN = re.compile(
-    r"""
-    (?:\s|--[^\n]*|/\*.*?(?:\*/|\Z)|\#(?![>#-])[^\n]*)*
-    (?:
-      (?P<word>(?![eEnNxXbB]'|[uU]&'|__\[POSTCOMPILE_)[^\W\d][\w$]*(?:\.[^\W\d][\w$]*)*)
-    | (?P<param>%\([^)\n]*\)s|%s|\?\d*|:(?:[^\W\d]\w*|\d+)|\$\d+)
-    | (?P<qident>"[^"]*(?:""[^"]*)*"?|`[^`]*(?:``[^`]*)*`?)
-    | (?P<str>'[^']*(?:''[^']*)*'?)
-    | (?P<num>(?:\d[\d_]*(?:\.[\d_]*)?|\.\d[\d_]*)(?:[eE][+-]?\d+)?(?![\w$]))
-    | (?P<hex>0[xX][0-9a-fA-F]+(?![\w$]))
-    | (?P<estr>[eE]'[^'\\]*(?:(?:\\.|'')[^'\\]*)*'?)
-    | (?P<pstr>(?:[nNxXbB]|[uU]&)'[^']*(?:''[^']*)*'?)
-    | (?P<dollar>\$\$.*?(?:\$\$|\Z)|\$(?P<tag>[^\W\d]\w*)\$.*?(?:\$(?P=tag)\$|\Z))
-    | (?P<postcompile>__\[POSTCOMPILE_[^\]~\s]+(?:~~.*?~~)?\])
-    | (?P<percent>%%)
-    | (?P<digitword>\d[\w$]*)
-    | (?P<op>::|:=|->>|->|\#>>|\#>|\#-|\#\#|<>|!=|<=|>=|\|\||.)
-    | (?P<end>\Z)
-    )
-    """,
-    re.VERBOSE | re.DOTALL,
-)
-# ``lastindex`` is the outermost group that matched, i.e. the alternative.
-_WORD, _OP, _QIDENT, _NUM, _HEX, _DIGITWORD, _PERCENT, _END = (
-    _TOKEN.groupindex[name]
-    for name in ("word", "op", "qident", "num", "hex", "digitword", "percent", "end")
-)
-
-# fmt: off
-#: After one of these a ``-`` or ``+`` in front of a number is a sign, not an operator, so
-#: ``x = -5`` and ``x = 5`` normalize alike. (After any operator or punctuation too.)
-_SIGN_AFTER_KEYWORDS = frozenset([
-    "select", "where", "and", "or", "not", "when", "then", "else", "return", "returning",
-    "limit", "offset", "between", "having", "case", "distinct", "all", "like", "by",
-    "interval", "do",
-])
-#: Tokens that end an operand: a sign after one of them is a binary operator.
-_OPERAND_END = frozenset(")]?")
-_SIGNS = frozenset("-+")
-#: What a plain collapsible list may contain besides ``?``, and what no list item may.
-_LIST_PUNCT = frozenset(",()[]")
-_NOT_A_VALUE = frozenset(["select", "values", "with", "table", "from"])
-#: States of dropping a ``::type`` cast after a placeholder, and the words that continue a
-#: type name (``timestamp without time zone``, ``double precision``, ``character varying``).
-_NO_CAST, _CAST_TYPE, _CAST_MORE, _CAST_ARGS, _CAST_DIMS = 0, 1, 2, 3, 4
-_TYPE_WORDS = frozenset(["with", "without", "time", "zone", "precision", "varying"])
-_LIST, _VALUES, _ROW, _PLAIN = 0, 1, 2, 3
-#: Modifiers between the operation keyword and its table, per operation.
-_TABLE_SKIP = {
-    "INSERT": frozenset([
-        "or", "replace", "ignore", "abort", "fail", "rollback", "into", "low_priority",
-        "delayed", "high_priority",
-    ]),
-    "REPLACE": frozenset(["into", "low_priority", "delayed"]),
-    "UPDATE": frozenset([
-        "only", "or", "replace", "ignore", "abort", "fail", "rollback", "low_priority",
-    ]),
-    "DELETE": frozenset(["from", "only", "low_priority", "quick", "ignore"]),
-    "MERGE": frozenset(["into"]),
-    "TRUNCATE": frozenset(["table", "only"]),
-    "CALL": frozenset(),
-}
-_WITH_MAIN = frozenset(["select", "insert", "update", "delete", "merge", "values", "table"])
-# fmt: on
-_FROM_SKIP = frozenset(["only", "lateral"])
-_MAX_NAME = 128
-
-
-def _is_name(tok: str) -> bool:
-    c = tok[0]
-    return c == '"' or c == "`" or c == "_" or c.isalnum()
-
-
-def _tokens(statement: str) -> list[str]:
-    """Literal-free tokens; a token that followed whitespace or a comment starts with " "."""
-    out: list[str] = []
-    # Open brackets: (index of the bracket in out, kind, index of the comma before a row).
-    stack: list[tuple[int, int, int]] = []
-    values_row: list[str] | None = None  # the first row of the current VALUES list
-    values_end = -1  # len(out) right after the last row of that list
-    cast = _NO_CAST
-    for m in _TOKEN.finditer(statement):
-        g = m.lastindex or _END  # never None: every alternative is a group
-        if cast:
-            # Drop ``::type`` after a placeholder: psycopg 3, asyncpg and pg8000 get
-            # ``%(x)s::VARCHAR`` from SQLAlchemy where psycopg2 gets ``%(x)s``.
-            tok = m.group(g)
-            if cast == _CAST_TYPE and g in (_WORD, _QIDENT):
-                cast = _CAST_MORE
-                continue
-            if cast == _CAST_MORE:
-                if g == _WORD and tok.lower() in _TYPE_WORDS:
-                    continue
-                if tok == "(" or tok == "[":
-                    cast = _CAST_ARGS if tok == "(" else _CAST_DIMS
-                    continue
-            elif cast in (_CAST_ARGS, _CAST_DIMS):
-                if tok == (")" if cast == _CAST_ARGS else "]"):
-                    cast = _CAST_MORE
-                continue
-            cast = _NO_CAST
-        if g == _WORD:
-            tok = m.group(g).lower()
-            if tok == "true" or tok == "false":
-                tok = "?"
-        elif g == _OP:
-            tok = m.group(g)
-            if tok == "::" and out and out[-1][-1] == "?":
-                cast = _CAST_TYPE
-                continue
-            if tok == "(" or tok == "[":
-                prev = out[-1].lstrip() if out else ""
-                kind = _PLAIN
-                comma = -1
-                if tok == "(":
-                    if prev == "in":
-                        kind = _LIST
-                    elif prev == "values":
-                        kind = _VALUES
-                    elif prev == "," and len(out) - 1 == values_end:
-                        kind = _ROW
-                        comma = values_end
-                elif prev == "array":
-                    kind = _LIST
-                stack.append((len(out), kind, comma))
-            elif (tok == ")" or tok == "]") and stack:
-                start, kind, comma = stack[-1]
-                if out[start][-1] == ("(" if tok == ")" else "["):
-                    stack.pop()
-                    if kind != _PLAIN and _is_value_list(out, start + 1):
-                        del out[start + 1 :]
-                        out.append("...")
-                        out.append(tok)
-                    else:
-                        out.append(tok if m.start(g) == m.start() else " " + tok)
-                    if kind == _VALUES:
-                        values_row = [t.lstrip() for t in out[start:]]
-                        values_end = len(out)
-                    elif kind == _ROW:
-                        if values_row == [t.lstrip() for t in out[start:]]:
-                            del out[comma:]
-                        values_end = len(out)
-                    continue
-        elif g == _QIDENT:
-            tok = m.group(g)
-        elif g in (_NUM, _HEX):
-            tok = "?"
-            if out and out[-1].lstrip() in _SIGNS:
-                before = out[-2].lstrip() if len(out) > 1 else "("
-                if before in _SIGN_AFTER_KEYWORDS or not (
-                    _is_name(before) or before in _OPERAND_END
-                ):
-                    out[-1] = " ?" if out[-1][0] == " " else "?"
-                    continue
-        elif g == _DIGITWORD:
-            tok = m.group(g).lower()
-        elif g == _PERCENT:
-            tok = "%"
-        elif g == _END:
-            break
-        else:  # strings, dollar quotes, parameters, post-compile markers
-            tok = "?"
-        out.append(tok if m.start(g) == m.start() or not out else " " + tok)
-    return out
-
-
-def _is_value_list(out: list[str], start: int) -> bool:
-    """Whether out[start:] is a list of values: ``?, ?, ...``, a list of tuples of them, or
-    identical items around placeholders (``lower(?), lower(?)``, from a bind expression)."""
-    seen = False
-    for i in range(start, len(out)):
-        t = out[i].lstrip()
-        if t == "?":
-            seen = True
-        elif t not in _LIST_PUNCT:
-            break
-    else:
-        return seen
-    items: list[list[str]] = [[]]
-    depth = 0
-    for i in range(start, len(out)):
-        t = out[i].lstrip()
-        if t in _NOT_A_VALUE:
-            return False  # a subquery
-        if t == "," and depth == 0:
-            items.append([])
-            continue
-        if t == "(" or t == "[":
-            depth += 1
-        elif t == ")" or t == "]":
-            depth -= 1
-        items[-1].append(t)
-    first = items[0]
-    return "?" in first and all(item == first for item in items)
-
-
-def _strip_savepoint_name(toks: list[str]) -> None:
-    # SQLAlchemy names savepoints sa_savepoint_1, _2, ... per connection: a generated name
-    # is a value in all but syntax, and would split one statement into many fingerprints.
-    first = toks[0]
-    if first == "savepoint":
-        i = 1
-    elif first == "release":
-        i = 2 if len(toks) > 2 and toks[1].lstrip() == "savepoint" else 1
-    elif first == "rollback":
-        words = [t.lstrip() for t in toks]
-        if "to" not in words:
-            return
-        i = words.index("to") + 1
-        if i < len(toks) and words[i] == "savepoint":
-            i += 1
-    else:
-        return
-    if i == len(toks) - 1 and _is_name(toks[i].lstrip()):
-        toks[i] = " ?" if toks[i][0] == " " else "?"
-
-
-def _name_at(words: list[str], i: int) -> tuple[str, int] | None:
-    """The possibly dotted name starting at words[i], and the index after it."""
-    n = len(words)
-    if i >= n or not _is_name(words[i]):
-        return None
-    parts = [_unquote(words[i])]
-    i += 1
-    while i + 1 < n and words[i] == "." and _is_name(words[i + 1]):
-        parts.append(_unquote(words[i + 1]))
-        i += 2
-    return ".".join(parts)[:_MAX_NAME], i
-
-
-def _unquote(tok: str) -> str:
-    q = tok[0]
-    if q == '"' or q == "`":
-        body = tok[1:-1] if len(tok) > 1 and tok[-1] == q else tok[1:]
-        return body.replace(q + q, q)
-    return tok
-
-
-def _summarize(words: list[str]) -> tuple[str, str]:
-    """(operation, summary) from the normalized tokens (spaces stripped)."""
-    n = len(words)
-    i = 0
-    while i < n and words[i] == "(":
-        i += 1
-    if i == n or not _is_name(words[i]) or words[i][0] in '"`':
-        return "", ""
-    op = words[i][:_MAX_NAME].upper()
-    if op == "WITH":
-        depth = 0
-        for j in range(i + 1, n):
-            w = words[j]
-            if w == "(":
-                depth += 1
-            elif w == ")":
-                depth -= 1
-            elif depth <= 0 and w in _WITH_MAIN and words[j - 1] == ")":
-                op, i = w.upper(), j
-                break
-        else:
-            return "WITH", "WITH"
-    if op == "SELECT":
-        best: tuple[int, str] | None = None
-        depth = 0
-        for j in range(i + 1, n - 1):
-            w = words[j]
-            if w == "(":
-                depth += 1
-            elif w == ")":
-                depth -= 1
-            elif w == "from" and (best is None or depth < best[0]):
-                k = j + 1
-                while k < n and words[k] in _FROM_SKIP:
-                    k += 1
-                found = _name_at(words, k)
-                if found is not None and (found[1] >= n or words[found[1]] != "("):
-                    best = (depth, found[0])
-        return op, f"SELECT {best[1]}" if best is not None else op
-    skip = _TABLE_SKIP.get(op)
-    if skip is None:
-        return op, op
-    k = i + 1
-    while k < n and words[k] in skip:
-        k += 1
-    found = _name_at(words, k)
-    return op, f"{op} {found[0]}" if found is not None else op
-
-
-def _analyze(statement: str) -> tuple[str, str, str]:
-    toks = _tokens(statement)
-    if toks:
-        _strip_savepoint_name(toks)
-    words = [t.lstrip() for t in toks]
-    op, summary = _summarize(words)
-    return "".join(toks), op, summary
-
-
-def normalize(statement: str) -> str:
+def normalize(statement: str, dialect_name: str = "") -> str:
     """The literal-free normal form of ``statement`` (not cached; see :func:`fingerprint`).
 
     >>> normalize("SELECT * FROM t1 WHERE id IN (1, 2, 3) AND name = 'x' -- hi")
     'select * from t1 where id in (...) and name = ?'
     """
-    return _analyze(statement)[0]
+    return analyze(statement, lexer_for(dialect_name))[0]
 
 
-def _make(statement: str) -> Fingerprint:
-    normalized, op, summary = _analyze(statement)
+def _make(statement: str, lex: Lexer = GENERIC) -> Fingerprint:
+    normalized, op, summary = analyze(statement, lex)
     digest = hashlib.blake2b(normalized.encode("utf-8", "surrogatepass"), digest_size=8)
     return Fingerprint(digest.hexdigest(), normalized, summary, op)
 
@@ -403,19 +86,88 @@ def _make(statement: str) -> Fingerprint:
 # Cache
 
 _MAX_ENTRIES = 4096
-#: Budget for the characters held by the cache (statements plus normal forms), so a few
+#: Budget for the characters held by one cache (statements plus normal forms), so a few
 #: huge statements (bulk inserts with inline values) cannot pin hundreds of megabytes.
 _MAX_CHARS = 8 * 1024 * 1024
-_cache: dict[str, Fingerprint] = {}
+
+
+class _Cache:
+    """One lexer's statement -> Fingerprint cache, bounded in entries and characters."""
+
+    def __init__(self, lex: Lexer) -> None:
+        self.lex = lex
+        self.entries: dict[str, Fingerprint] = {}
+        self.lock = threading.Lock()
+        self.chars = 0
+        self.misses = 0
+        self.calls = [0]  # lookups; a lost increment under a race is harmless (statistics)
+
+    def miss(self, statement: str) -> Fingerprint:
+        fp = _make(statement, self.lex)  # outside the lock: pure, and the slow part
+        size = len(statement) + len(fp.normalized)
+        entries = self.entries
+        with self.lock:
+            self.misses += 1
+            cached = entries.get(statement)
+            if cached is not None:  # another thread got there first: keep one instance
+                return cached
+            if size > _MAX_CHARS // 8:
+                return fp  # too big to be worth pinning
+            while entries and (len(entries) >= _MAX_ENTRIES or self.chars + size > _MAX_CHARS):
+                self._evict_oldest_half()
+            entries[statement] = fp
+            self.chars += size
+        return fp
+
+    def _evict_oldest_half(self) -> None:
+        # Caller holds the lock. Dicts keep insertion order, so the first keys are the
+        # oldest; halving (rather than evicting one entry per miss) keeps a miss O(1)
+        # amortized.
+        entries = self.entries
+        for key in list(entries)[: max(1, len(entries) // 2)]:
+            fp = entries.pop(key)
+            self.chars -= len(key) + len(fp.normalized)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.chars = 0
+            self.misses = 0
+            self.calls[0] = 0
+
+
+def _fingerprinter(cache: _Cache) -> Callable[[str], Fingerprint]:
+    # Closure cells rather than attribute lookups: the hit path is one increment and one
+    # dict.get, as in the generic function below.
+    calls = cache.calls
+    get = cache.entries.get
+    miss = cache.miss
+
+    def fingerprint_statement(statement: str) -> Fingerprint:
+        calls[0] += 1
+        fp = get(statement)
+        if fp is not None:
+            return fp
+        return miss(statement)
+
+    fingerprint_statement.__doc__ = (
+        f"The cached {cache.lex.name} :class:`Fingerprint` of a statement."
+    )
+    return fingerprint_statement
+
+
+_GENERIC = _Cache(GENERIC)
+_cache = _GENERIC.entries  # the generic cache's entries (tests and debugging read it)
 _cache_get = _cache.get
-_lock = threading.Lock()
-_chars = 0
-_misses = 0
-_calls = [0]  # lookups; a lost increment under a race is harmless (statistics only)
+_calls = _GENERIC.calls
+_miss = _GENERIC.miss
+_caches: dict[str, _Cache] = {GENERIC.name: _GENERIC}
+_fingerprinters: dict[str, Callable[[str], Fingerprint]] = {}
+_registry_lock = threading.Lock()
 
 
 def fingerprint(statement: str) -> Fingerprint:
-    """The cached :class:`Fingerprint` of ``statement``.
+    """The cached :class:`Fingerprint` of ``statement``, read by the generic lexer.
 
     A hit is one dict lookup (well under a microsecond); a miss tokenizes the statement once
     (tens of microseconds for a few hundred characters) and is then cached.
@@ -427,45 +179,36 @@ def fingerprint(statement: str) -> Fingerprint:
     return _miss(statement)
 
 
-def _miss(statement: str) -> Fingerprint:
-    global _chars, _misses
-    fp = _make(statement)  # outside the lock: pure, and the slow part
-    size = len(statement) + len(fp.normalized)
-    with _lock:
-        _misses += 1
-        cached = _cache_get(statement)
-        if cached is not None:  # another thread got there first: keep one instance
-            return cached
-        if size > _MAX_CHARS // 8:
-            return fp  # too big to be worth pinning
-        while _cache and (len(_cache) >= _MAX_ENTRIES or _chars + size > _MAX_CHARS):
-            _evict_oldest_half()
-        _cache[statement] = fp
-        _chars += size
-    return fp
+def fingerprinter_for(dialect_name: str) -> Callable[[str], Fingerprint]:
+    """The cached fingerprint function for a SQLAlchemy dialect name (``engine.dialect.name``):
+    ``"postgresql"``, ``"mysql"``, ``"mariadb"`` and ``"sqlite"`` get their own lexical rules,
+    anything else the conservative generic ones (:func:`fingerprint` itself).
 
-
-def _evict_oldest_half() -> None:
-    # Caller holds _lock. Dicts keep insertion order, so the first keys are the oldest;
-    # halving (rather than evicting one entry per miss) keeps a miss O(1) amortized.
-    global _chars
-    victims = list(_cache)[: max(1, len(_cache) // 2)]
-    for key in victims:
-        fp = _cache.pop(key)
-        _chars -= len(key) + len(fp.normalized)
+    Call it once per engine and keep the function: it is the statement hot path.
+    """
+    lex = lexer_for(dialect_name)
+    if lex is GENERIC:
+        return fingerprint
+    found = _fingerprinters.get(lex.name)
+    if found is None:
+        with _registry_lock:
+            found = _fingerprinters.get(lex.name)
+            if found is None:
+                cache = _caches[lex.name] = _Cache(lex)
+                found = _fingerprinters[lex.name] = _fingerprinter(cache)
+    return found
 
 
 def cache_info() -> tuple[int, int]:
-    """``(hits, misses)`` since start or :func:`cache_clear` (approximate under threads)."""
-    misses = _misses
-    return max(0, _calls[0] - misses), misses
+    """``(hits, misses)`` over every dialect's cache since start or :func:`cache_clear`
+    (approximate under threads)."""
+    caches = list(_caches.values())
+    calls = sum(c.calls[0] for c in caches)
+    misses = sum(c.misses for c in caches)
+    return max(0, calls - misses), misses
 
 
 def cache_clear() -> None:
-    """Empty the cache and zero its counters (tests, or after a schema change)."""
-    global _chars, _misses
-    with _lock:
-        _cache.clear()
-        _chars = 0
-        _misses = 0
-        _calls[0] = 0
+    """Empty every cache and zero the counters (tests, or after a schema change)."""
+    for c in list(_caches.values()):
+        c.clear()
