@@ -92,8 +92,8 @@ class QuarantineConfig:
 
     def __post_init__(self) -> None:
         v.count("quarantine_threshold", self.threshold)
-        v.seconds("quarantine_window", self.window)
-        v.seconds("quarantine_cooldown", self.cooldown)
+        v.seconds("quarantine_window", self.window, limit=None)
+        v.seconds("quarantine_cooldown", self.cooldown, limit=None)
         for item in self.allow:
             if not isinstance(item, str) or not item:
                 raise TypeError(

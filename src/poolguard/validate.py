@@ -9,7 +9,6 @@ checkout fails at construction instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 __all__ = ["MAX_COUNT", "MAX_SECONDS", "choice", "count", "flag", "seconds", "share"]
@@ -23,19 +22,28 @@ MAX_COUNT = 1_000_000
 _T = TypeVar("_T")
 
 
-def seconds(name: str, value: object, *, optional: bool = False, zero: bool = False) -> float:
-    """A duration in seconds: a finite number > 0 (>= 0 with ``zero``), at most
-    :data:`MAX_SECONDS`. With ``optional`` the caller handles None before calling."""
+def seconds(
+    name: str,
+    value: object,
+    *,
+    optional: bool = False,
+    zero: bool = False,
+    limit: float | None = MAX_SECONDS,
+) -> float:
+    """A duration in seconds: a finite number > 0 (>= 0 with ``zero``), at most ``limit``
+    (:data:`MAX_SECONDS` by default: pass None for durations no server sees). With
+    ``optional`` the caller handles None before calling."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "a number of seconds or None" if optional else "a number of seconds"
         raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
     v = float(value) if abs(value) < 1e300 else math.inf
     if not math.isfinite(v) or v < 0 or (v == 0 and not zero):
-        low = ">= 0" if zero else "> 0"
-        raise ValueError(f"{name} must be a finite number of seconds {low}, got {value!r}")
-    if v > MAX_SECONDS:
+        if zero:
+            raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
+    if limit is not None and v > limit:
         raise ValueError(
-            f"{name} must be at most {MAX_SECONDS} seconds (PostgreSQL's limit), got {value!r}"
+            f"{name} must be at most {limit} seconds (PostgreSQL's limit), got {value!r}"
         )
     return v
 
@@ -47,9 +55,11 @@ def optional_seconds(name: str, value: object, *, zero: bool = False) -> float |
 def count(name: str, value: object, *, minimum: int = 1) -> int:
     """A whole number from ``minimum`` to :data:`MAX_COUNT`."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not minimum <= value <= MAX_COUNT:
-        raise ValueError(f"{name} must be an int from {minimum} to {MAX_COUNT}, got {value!r}")
+        raise TypeError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if value > MAX_COUNT:
+        raise ValueError(f"{name} must be an int <= {MAX_COUNT}, got {value!r}")
     return value
 
 
@@ -104,6 +114,3 @@ def text(name: str, value: object, *, optional: bool = False, max_len: int = 200
     if len(value) > max_len:
         raise ValueError(f"{name} must be at most {max_len} characters")
     return value
-
-
-Check = Callable[[str, object], object]

@@ -29,6 +29,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from poolguard import validate
+
 __all__ = ["MAX_TRACKED", "PROBE_RETRY", "Quarantine", "QuarantineEntry", "Transition"]
 
 #: Most closed fingerprints whose recent time-outs are remembered. Past it the stalest is
@@ -111,15 +113,6 @@ class _Breaker:
         self.held = False
 
 
-def _check_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return v
-
-
 def _check_fingerprint(value: object) -> str:
     if not isinstance(value, str) or not value:
         raise TypeError(f"a fingerprint id must be a non-empty str, got {value!r}")
@@ -149,14 +142,10 @@ class Quarantine:
         max_cooldown: float = 600.0,
         allow: Iterable[str] = (),
     ) -> None:
-        if isinstance(threshold, bool) or not isinstance(threshold, int):
-            raise TypeError(f"threshold must be an int >= 1, got {threshold!r}")
-        if threshold < 1:
-            raise ValueError(f"threshold must be an int >= 1, got {threshold!r}")
-        self.threshold = threshold
-        self.window = _check_seconds("window", window)
-        self.cooldown = _check_seconds("cooldown", cooldown)
-        self.max_cooldown = _check_seconds("max_cooldown", max_cooldown)
+        self.threshold = validate.count("threshold", threshold)
+        self.window = validate.seconds("window", window, limit=None)
+        self.cooldown = validate.seconds("cooldown", cooldown, limit=None)
+        self.max_cooldown = validate.seconds("max_cooldown", max_cooldown, limit=None)
         if self.max_cooldown < self.cooldown:
             raise ValueError(
                 f"max_cooldown must be >= cooldown ({self.cooldown:g}), got {max_cooldown!r}"
