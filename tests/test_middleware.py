@@ -73,7 +73,7 @@ def http_scope(
     }
 
 
-class Exchange:
+class DrivenRequest:
     """One hand-driven request: what the app receives, and every message it sends.
 
     Like uvicorn, ``receive`` reports ``http.disconnect`` once the response is complete (or
@@ -187,10 +187,10 @@ def sqlite_engine(url: str, size: int = 3) -> sa.Engine:
 
 
 def assert_problem(
-    response: httpx.Response | Exchange, status: int, kind: str, *, retry_after: bool
+    response: httpx.Response | DrivenRequest, status: int, kind: str, *, retry_after: bool
 ) -> dict[str, Any]:
     """A problem+json answer: status, type, Retry-After as required, nothing else leaking."""
-    if isinstance(response, Exchange):
+    if isinstance(response, DrivenRequest):
         code, body = response.status, response.body
         ctype = response.header("content-type")
         retry = response.header("retry-after")
@@ -653,7 +653,7 @@ async def test_deadline_header_can_only_shorten(
         default=RouteRule(deadline=2.0),
         deadline_header="X-Request-Deadline",
     )
-    ex = Exchange()
+    ex = DrivenRequest()
     await app(http_scope("/r", headers=[(b"x-request-deadline", value)]), ex.receive, ex.send)
     assert ex.status == 200
     assert json.loads(ex.body)["deadline"] == pytest.approx(deadline)
@@ -818,7 +818,7 @@ async def test_other_exceptions_pass_through_unchanged(
     guard = make_guard(sqlite_engine(sqlite_file_url))
     boom = KeyError("not ours")
     app = _raising_app(guard, boom)
-    ex = Exchange()
+    ex = DrivenRequest()
     with pytest.raises(KeyError) as ei:
         await app(http_scope("/boom"), ex.receive, ex.send)
     assert ei.value is boom
@@ -841,7 +841,7 @@ async def test_refusal_after_the_response_started_is_reraised_not_answered_twice
 
     app = Starlette(routes=[Route("/s", endpoint)])
     app.add_middleware(PoolGuardMiddleware, guard=guard)
-    ex = Exchange()
+    ex = DrivenRequest()
     with pytest.raises(QueryTimeout):
         await app(http_scope("/s"), ex.receive, ex.send)
     assert len(ex.starts) == 1
@@ -941,7 +941,7 @@ async def test_fastapi_yield_dependency_and_background_task_errors(
     assert r.headers["retry-after"] == "4"
 
     for path, error in (("/cleanup", QueryQuarantined), ("/background", PoolSaturated)):
-        ex = Exchange()
+        ex = DrivenRequest()
         with pytest.raises(error):
             await app(http_scope(path), ex.receive, ex.send)
         assert len(ex.starts) == 1
@@ -970,7 +970,7 @@ async def test_streaming_response_keeps_its_budget_until_the_stream_ends(
     app.add_middleware(
         PoolGuardMiddleware, guard=guard, routes={"/export/{kind}": RouteRule(max_queries=3)}
     )
-    ex = Exchange()
+    ex = DrivenRequest()
     with pytest.raises(BudgetExceeded):
         await app(http_scope("/export/csv"), ex.receive, ex.send)
     assert len(ex.starts) == 1
@@ -1043,17 +1043,17 @@ async def test_inflight_limit_sheds_by_priority_fast_and_counts_once(
         routes={"/bulk": RouteRule(priority="sheddable"), "/pay": RouteRule(priority="critical")},
     )
     running: list[asyncio.Task[None]] = []
-    exchanges: list[Exchange] = []
+    exchanges: list[DrivenRequest] = []
 
-    async def start(path: str) -> Exchange:
-        ex = Exchange()
+    async def start(path: str) -> DrivenRequest:
+        ex = DrivenRequest()
         exchanges.append(ex)
         running.append(asyncio.create_task(app(http_scope(path), ex.receive, ex.send)))
         await asyncio.sleep(0.01)
         return ex
 
-    async def refused(path: str) -> Exchange:
-        ex = Exchange()
+    async def refused(path: str) -> DrivenRequest:
+        ex = DrivenRequest()
         t0 = time.perf_counter()
         await app(http_scope(path), ex.receive, ex.send)
         assert ex.first_send_at is not None
@@ -1064,7 +1064,7 @@ async def test_inflight_limit_sheds_by_priority_fast_and_counts_once(
     granted_before = guard.gate.snapshot().granted_total
     await start("/normal")  # 1 in flight
     shed_bulk = await refused("/bulk")  # sheddable stops at 1
-    await start("/other")  # 2 (another route: one route alone is held to its share)
+    await start("/other")  # 2
     shed_normal = await refused("/normal")  # normal stops at 2
     await start("/pay")  # critical goes on to 3
     shed_pay = await refused("/pay")
@@ -1086,7 +1086,7 @@ async def test_inflight_limit_sheds_by_priority_fast_and_counts_once(
         {"reason": "inflight_limit", "priority": "critical", "partition": "GET /pay"},
     ]
     # Everyone has left: the next request is admitted.
-    ex = Exchange()
+    ex = DrivenRequest()
     release.set()
     await app(http_scope("/bulk"), ex.receive, ex.send)
     assert ex.status == 200
@@ -1154,7 +1154,7 @@ async def test_disconnect_cancels_an_async_handler(
 
     app = Starlette(routes=[Route("/slow", endpoint)])
     app.add_middleware(PoolGuardMiddleware, guard=guard)
-    ex = Exchange(disconnect_after=0.1)
+    ex = DrivenRequest(disconnect_after=0.1)
     t0 = time.monotonic()
     await app(http_scope("/slow"), ex.receive, ex.send)
     assert time.monotonic() - t0 < 1.0
@@ -1169,7 +1169,7 @@ async def test_request_body_reaches_the_handler_whole_and_read_ahead_is_bounded(
     reads_before_handler: list[int] = []
     chunk = 16 * 1024
     chunks = [bytes([i]) * chunk for i in range(12)]
-    ex = Exchange(chunks)
+    ex = DrivenRequest(chunks)
 
     async def upload(request: Request) -> Response:
         await asyncio.sleep(0.05)  # the watcher reads meanwhile
@@ -1200,7 +1200,7 @@ async def test_disconnect_after_the_response_does_not_cancel_background_tasks(
 
     app = Starlette(routes=[Route("/r", endpoint)])
     app.add_middleware(PoolGuardMiddleware, guard=guard)
-    ex = Exchange()  # reports http.disconnect as soon as the response is complete
+    ex = DrivenRequest()  # reports http.disconnect as soon as the response is complete
     await app(http_scope("/r"), ex.receive, ex.send)
     assert ex.body == b"ok"
     assert done == ["background"]
@@ -1235,7 +1235,7 @@ async def test_disconnect_cancels_the_statement_on_postgresql(
     app.add_middleware(PoolGuardMiddleware, guard=guard)
     try:
         await _warm_up(engine)
-        ex = Exchange(disconnect_after=0.2)
+        ex = DrivenRequest(disconnect_after=0.2)
         t0 = time.monotonic()
         await app(http_scope("/sleep"), ex.receive, ex.send)
         assert time.monotonic() - t0 < 1.0
@@ -1272,7 +1272,7 @@ async def test_disconnect_from_a_def_endpoint_waits_for_its_connection(
     app.add_middleware(
         PoolGuardMiddleware, guard=guard, routes={"/sleep": RouteRule(statement_timeout=0.5)}
     )
-    ex = Exchange(disconnect_after=0.1)
+    ex = DrivenRequest(disconnect_after=0.1)
     t0 = time.monotonic()
     await app(http_scope("/sleep"), ex.receive, ex.send)
     elapsed = time.monotonic() - t0
@@ -1372,7 +1372,7 @@ async def test_fastapi_on_each_engine_kind(
 
 
 def test_in_flight_counter_is_thread_safe() -> None:
-    counter = inflight.InFlight(1000, 0.5)
+    counter = inflight.InFlight(1000, 500)
     admitted = [0] * 8
 
     def worker(i: int) -> None:
@@ -1392,14 +1392,23 @@ def test_in_flight_counter_is_thread_safe() -> None:
 
 
 def test_in_flight_partition_share_applies_only_under_contention() -> None:
-    counter = inflight.InFlight(10, 0.5)  # partition cap 5, contention from 5 in flight
-    assert all(counter.enter(1, "rogue") for _ in range(5))
-    assert not counter.enter(1, "rogue")  # over its share while half the limit is in use
-    assert not counter.enter(2, "rogue")
-    assert counter.enter(0, "rogue")  # critical work is never held to a share
-    assert all(counter.enter(1, "healthy") for _ in range(4))  # the others still get in
+    counter = inflight.InFlight(10, 4)  # limit 10, a route's share 4 under contention
+    # No contention: one route may use every place there is (nobody to be fair to).
+    assert all(counter.enter(1, "busy") for _ in range(6))
+    # Contention: a route over its share is refused, sheddable too; critical never is.
+    assert not counter.enter(1, "busy", contended=True)
+    assert not counter.enter(2, "busy", contended=True)
+    assert counter.enter(0, "busy", contended=True)
+    assert counter.enter(1, "healthy", contended=True)  # a route under its share gets in
+    assert counter.of("busy") == 7
+    assert all(counter.enter(1, "busy") for _ in range(2))
     assert counter.count == 10
-    assert not counter.enter(1, "healthy")  # the limit itself
-    lone = inflight.InFlight(10, 0.5)
-    assert lone.enter(1, "a")
-    assert lone.by_partition == {"a": 1}
+    assert not counter.enter(1, "healthy")  # the backstop itself
+    assert counter.enter(0, "healthy")  # critical work has half a limit of headroom
+
+
+def test_default_in_flight_limit_is_a_backstop_above_the_thread_pool() -> None:
+    # FastAPI's 40 threads plus SQLAlchemy's default pool (15) never reach it; nor do the
+    # 60 closed-loop clients of bench_closed_loop.py.
+    assert inflight.default_limit(15) == 100
+    assert inflight.default_limit(50) == 200

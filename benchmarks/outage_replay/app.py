@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -35,12 +36,17 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 
 MODES = ("defaults", "hand-tuned", "poolguard", "poolguard-tuned")
-DSN = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+#: The database (on 127.0.0.1:5432): ``OUTAGE_REPLAY_DB`` names another one, so that runs
+#: beside other users of ``test`` (a shared machine's test suites) do not share its tables.
+DB_NAME = os.environ.get("OUTAGE_REPLAY_DB", "test")
+DSN = f"postgresql+psycopg://postgres@127.0.0.1:5432/{DB_NAME}"
 TABLE = "outage_replay_items"
 ROWS = 1000
 HOT_ID = 1
 #: Environment variable with JSON overrides of the poolguard-tuned settings (experiments).
 TUNED_ENV = "OUTAGE_REPLAY_TUNED"
+#: Environment variable that switches on :class:`GateProbe` (diagnostics only).
+PROBE_ENV = "OUTAGE_REPLAY_PROBE"
 
 #: The statements, as the endpoints send them (literals as bind parameters, as an ORM would).
 READ_SQL = f"select id, val from {TABLE} where id = :id"
@@ -71,6 +77,56 @@ def tuned_settings() -> tuple[dict[str, Any], dict[str, Any]]:
     return guard_kwargs, middleware_kwargs
 
 
+class GateProbe:
+    """Samples the gate every 2 ms in a thread of its own (``OUTAGE_REPLAY_PROBE=1``): how
+    often connections ran out or requests waited, and for how long, under a given load.
+
+    For choosing when the middleware's per-route share should apply: it must not apply
+    under a closed-loop load that the pool serves, and must under a standing queue.
+    """
+
+    def __init__(self, guard: Any) -> None:
+        self.guard = guard
+        self.samples = 0
+        self.full = 0
+        self.waiting = 0
+        self.waited_over_5ms = 0
+        self.max_oldest = 0.0
+        self.max_waiting = 0
+        t = threading.Thread(target=self._run, daemon=True, name="gate-probe")
+        t.start()
+
+    def _run(self) -> None:
+        import time
+
+        gate = self.guard.gate
+        while True:
+            time.sleep(0.002)
+            now = time.monotonic()
+            self.samples += 1
+            held, waiting = gate.held, gate.waiting
+            if held >= gate.capacity:
+                self.full += 1
+            if waiting:
+                self.waiting += 1
+                self.max_waiting = max(self.max_waiting, waiting)
+                oldest = gate.oldest_wait(now)
+                self.max_oldest = max(self.max_oldest, oldest)
+                if oldest > 0.005:
+                    self.waited_over_5ms += 1
+
+    def summary(self) -> dict[str, Any]:
+        n = max(1, self.samples)
+        return {
+            "samples": self.samples,
+            "pool_full_pct": round(100 * self.full / n, 2),
+            "waiters_pct": round(100 * self.waiting / n, 2),
+            "oldest_over_5ms_pct": round(100 * self.waited_over_5ms / n, 2),
+            "max_oldest_ms": round(1000 * self.max_oldest, 1),
+            "max_waiting": self.max_waiting,
+        }
+
+
 def build_app(mode: str, tag: str, healthy_cost: float, dsn: str = DSN) -> FastAPI:
     """The application for ``mode``; ``tag`` becomes every connection's application_name."""
     if mode not in MODES:
@@ -95,6 +151,7 @@ def build_app(mode: str, tag: str, healthy_cost: float, dsn: str = DSN) -> FastA
             guard = PoolGuard(engine, **guard_kwargs)
             app.add_middleware(PoolGuardMiddleware, guard=guard, **middleware_kwargs)
 
+    probe = GateProbe(guard) if guard is not None and os.environ.get(PROBE_ENV) else None
     read_sql = sa.text(READ_COST_SQL if healthy_cost > 0 else READ_SQL)
     write_sql = sa.text(WRITE_SQL)
     slow_sql = sa.text(SLOW_SQL)
@@ -156,8 +213,11 @@ def build_app(mode: str, tag: str, healthy_cost: float, dsn: str = DSN) -> FastA
                 "gate": s["gate"],
                 "settings": s["settings"],
                 "quarantine": s["quarantine"],
+                "refusals": s["refusals"],
                 "statements": s["statements"][:8],
             }
+            if probe is not None:
+                out["probe"] = probe.summary()
         return out
 
     @app.get("/_bench/ready")

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 import httpx
 import psycopg
 
-from .app import HOT_ID, ROWS
+from .app import DB_NAME, HOT_ID, ROWS
 
 CLIENT_TIMEOUT = 10.0
 POLL_INTERVAL = 0.1
-PG_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=test"
+PG_DSN = f"host=127.0.0.1 port=5432 user=postgres dbname={DB_NAME}"
 
 #: Request kinds. Healthy traffic is READ and WRITE.
 READ, WRITE, ROGUE = "read", "write", "rogue"

@@ -18,8 +18,8 @@ from starlette.types import Message, Receive
 
 __all__ = [
     "MAX_READ_AHEAD",
-    "Exchange",
     "Receiver",
+    "ResponseProgress",
     "on_asyncio",
     "run_cancel_once",
     "run_in_cancel_scope",
@@ -32,7 +32,7 @@ MAX_READ_AHEAD = 64 * 1024
 
 
 @dataclass
-class Exchange:
+class ResponseProgress:
     """What has happened to one response so far."""
 
     started: bool = False
@@ -143,21 +143,23 @@ def on_asyncio() -> bool:
     return True
 
 
-async def _watch(receiver: Receiver, exchange: Exchange, cancel: Callable[[], object]) -> None:
+async def _watch(
+    receiver: Receiver, progress: ResponseProgress, cancel: Callable[[], object]
+) -> None:
     await receiver.pump()
     # After the response is complete servers report http.disconnect at once (uvicorn does):
     # background tasks that run then must not be cancelled.
-    if receiver.disconnected and not exchange.complete:
-        exchange.abandoned = True
+    if receiver.disconnected and not progress.complete:
+        progress.abandoned = True
         cancel()
 
 
 async def run_cancel_once(
-    app: Awaitable[None], receiver: Receiver, exchange: Exchange
+    app: Awaitable[None], receiver: Receiver, progress: ResponseProgress
 ) -> Exception | None:
     """Run ``app`` in its own task (it inherits the budget scope); return what it raised."""
     task = asyncio.ensure_future(app)
-    watcher = asyncio.ensure_future(_watch(receiver, exchange, task.cancel))
+    watcher = asyncio.ensure_future(_watch(receiver, progress, task.cancel))
     try:
         await asyncio.wait((task,))
     except BaseException:
@@ -169,7 +171,7 @@ async def run_cancel_once(
     finally:
         watcher.cancel()
     if task.cancelled():
-        if exchange.abandoned:
+        if progress.abandoned:
             return None
         raise asyncio.CancelledError  # the handler cancelled itself: not an answer
     exc = task.exception()
@@ -179,12 +181,12 @@ async def run_cancel_once(
 
 
 async def run_in_cancel_scope(
-    app: Awaitable[None], receiver: Receiver, exchange: Exchange
+    app: Awaitable[None], receiver: Receiver, progress: ResponseProgress
 ) -> Exception | None:
     """As :func:`run_cancel_once`, for event loops other than asyncio (trio)."""
     error: Exception | None = None
     async with anyio.create_task_group() as tg:
-        tg.start_soon(_watch, receiver, exchange, tg.cancel_scope.cancel)
+        tg.start_soon(_watch, receiver, progress, tg.cancel_scope.cancel)
         try:
             await app
         except Exception as exc:

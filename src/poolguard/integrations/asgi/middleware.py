@@ -6,6 +6,11 @@ they ever reach the connection pool, so by the time a dependency runs the reques
 waited its turn (a plain burst at twice the pool's capacity measured a 4.3 s median). Here a
 request is refused before the router sees it, for the price of a route match and a counter.
 
+What refuses is the pool's state, never a count alone: CoDel's verdict on the gate's queue
+(``guard.admit()``), and a route's share of the requests in flight only while that route's
+queue at the gate stands. The in-flight limit itself is a backstop that a busy, healthy app
+does not reach (:mod:`poolguard.integrations.asgi.inflight`).
+
 Why pure ASGI (no ``BaseHTTPMiddleware``): streaming responses must keep streaming, the budget
 scope (a contextvar) must be set in the very task that runs the handler, and a client that
 goes away must be able to cancel that task.
@@ -20,46 +25,51 @@ endpoints.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import anyio
-from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from poolguard.core.budget import PRIORITY_RANK, Budget, BudgetScope
+from poolguard.core.budget import BudgetScope
 from poolguard.errors import BudgetExceeded, PoolGuardError, PoolSaturated, QueryQuarantined, Shed
 from poolguard.guard import PoolGuard
 from poolguard.integrations.asgi.disconnect import (
     MAX_READ_AHEAD,
-    Exchange,
     Receiver,
+    ResponseProgress,
     on_asyncio,
     run_cancel_once,
     run_in_cancel_scope,
 )
-from poolguard.integrations.asgi.inflight import in_flight_for
-from poolguard.integrations.asgi.routing import MAX_DEPTH, Expansions, collect_templates, find_route
-from poolguard.policy.gate import DEFAULT_PARTITION
+from poolguard.integrations.asgi.inflight import default_limit, in_flight_for
+from poolguard.integrations.asgi.routing import Expansions, collect_templates, find_route
+from poolguard.integrations.asgi.rules import (
+    BUILTIN_DEFAULT,
+    DEFAULT_DEADLINE,
+    METHODS,
+    OTHER_METHOD,
+    Plan,
+    RouteRule,
+    inherit,
+    make_plan,
+    parse_rules,
+)
+from poolguard.integrations.asgi.wire import (
+    guard_error,
+    header_deadline,
+    send_problem,
+    with_server_timing,
+)
+from poolguard.policy.gate import DEFAULT_PARTITION, Gate
 from poolguard.policy.shedding import estimate_retry_after
 
 __all__ = ["DEFAULT_DEADLINE", "MAX_READ_AHEAD", "PoolGuardMiddleware", "RouteRule"]
 
 log = logging.getLogger("poolguard")
-
-Priority = Literal["critical", "normal", "sheddable"]
-
-#: Seconds a request may spend in total when no rule says otherwise. Twice the guard's
-#: default statement time-out, so one slow but permitted statement plus a pool wait still
-#: fits; well under the 30-60 s after which proxies, load balancers and clients give up (and
-#: retry), so the server stops working on a request before its client has abandoned it.
-DEFAULT_DEADLINE = 10.0
 
 #: Smallest deadline an incoming deadline header can ask for: below it ("0": no time left)
 #: the request is answered 504 at once, before the handler runs.
@@ -69,68 +79,10 @@ MIN_HEADER_DEADLINE = 0.001
 #: (a statement stopped by its time-out still needs its rollback).
 RETURN_GRACE = 1.0
 
-#: Methods kept in partition names; anything else is "_OTHER" (OpenTelemetry's convention)
-#: so that a client inventing methods cannot mint partitions.
-_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
-)
-_OTHER = "_OTHER"
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-# Seconds as a plain decimal: no sign, exponent, "inf", "nan", hex or digit separators (all
-# of which float() accepts), bounded length.
-_DEADLINE_VALUE = re.compile(rb"[ \t]*([0-9]{1,9}(?:\.[0-9]{1,9})?)[ \t]*")
 
-
-@dataclass(frozen=True)
-class RouteRule:
-    """What requests to one route template may spend, and how they are treated.
-
-    Every field left as None inherits the middleware's ``default`` rule (and from there
-    :data:`DEFAULT_DEADLINE` and priority "normal"), so a rule names only what differs.
-    Seconds are floats; ``priority`` is "critical" (shed last, draws on the pool's critical
-    reserve), "normal" or "sheddable" (shed first). ``exempt`` routes (health checks,
-    metrics) get no budget scope and are never shed or counted in flight: their statements
-    still run under the guard's own time-outs.
-    """
-
-    deadline: float | None = None
-    statement_timeout: float | None = None
-    max_queries: int | None = None
-    max_db_time: float | None = None
-    max_connections: int | None = None
-    priority: Priority | None = None
-    exempt: bool = False
-
-    def __post_init__(self) -> None:
-        # Budget validates every field and names the wrong one (TypeError / ValueError).
-        Budget(
-            deadline=self.deadline,
-            statement_timeout=self.statement_timeout,
-            max_queries=self.max_queries,
-            max_db_time=self.max_db_time,
-            max_connections=self.max_connections,
-            priority=self.priority,
-        )
-        if not isinstance(self.exempt, bool):
-            raise TypeError(f"exempt must be a bool, got {type(self.exempt).__name__}")
-
-
-_BUILTIN_DEFAULT = RouteRule(deadline=DEFAULT_DEADLINE, priority="normal")
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """A rule resolved for one (method, template): what a request needs, computed once."""
-
-    partition: str
-    priority: str
-    rank: int
-    exempt: bool
-    deadline: float
-    statement_timeout: float | None
-    max_queries: int | None
-    max_db_time: float | None
-    max_connections: int | None
+# Kept for ``tests``/users that imported it from here before the split.
+_header_deadline = header_deadline
 
 
 class PoolGuardMiddleware:
@@ -150,8 +102,10 @@ class PoolGuardMiddleware:
             lengthen it. None (the default) ignores such headers.
         server_timing: add a ``Server-Timing`` header with the request's database time,
             pool wait and statement count.
-        max_inflight: requests this guard admits at once (default: twice the pool's
-            capacity); sheddable work stops at half of it, critical work may go half over.
+        max_inflight: requests this guard admits at once, a backstop (default: four
+            times the pool's capacity, at least 100); sheddable work stops at half of it,
+            critical work may go half over. While a route's queue at the gate stands, that
+            route may keep at most twice its share of the pool in flight.
     """
 
     def __init__(
@@ -172,7 +126,7 @@ class PoolGuardMiddleware:
         if not isinstance(server_timing, bool):
             raise TypeError(f"server_timing must be a bool, got {type(server_timing).__name__}")
         if max_inflight is None:
-            max_inflight = 2 * guard.gate.capacity
+            max_inflight = default_limit(guard.gate.capacity)
         elif isinstance(max_inflight, bool) or not isinstance(max_inflight, int):
             raise TypeError(f"max_inflight must be an int, got {type(max_inflight).__name__}")
         elif max_inflight < 1:
@@ -196,12 +150,12 @@ class PoolGuardMiddleware:
         self.max_inflight = max_inflight
         self.deadline_header = deadline_header
         self._header = header
-        self._default = _BUILTIN_DEFAULT if default is None else _inherit(default, _BUILTIN_DEFAULT)
-        self._rules = _parse_rules(routes)
+        self._default = BUILTIN_DEFAULT if default is None else inherit(default, BUILTIN_DEFAULT)
+        self._rules = parse_rules(routes)
         self._rules_checked = not self._rules
-        self._plans: dict[tuple[str, str | None], _Plan] = {}
+        self._plans: dict[tuple[str, str | None], Plan] = {}
         self._expanded: Expansions = {}
-        self._unmatched = _plan(self._default, DEFAULT_PARTITION)
+        self._unmatched = make_plan(self._default, DEFAULT_PARTITION)
         self._in_flight = in_flight_for(guard, max_inflight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -216,7 +170,7 @@ class PoolGuardMiddleware:
             return
         deadline = plan.deadline
         if self._header is not None:
-            asked = _header_deadline(scope.get("headers"), self._header)
+            asked = header_deadline(scope.get("headers"), self._header)
             if asked is not None and asked < deadline:
                 if asked < MIN_HEADER_DEADLINE:
                     # The caller has no time left: answer now rather than start work that
@@ -224,19 +178,25 @@ class PoolGuardMiddleware:
                     spent = BudgetExceeded(
                         "deadline", used=0.0, allowed=asked, partition=plan.partition
                     )
-                    await _send_problem(send, spent, None)
+                    self.guard.record_refusal("budget", plan.partition)
+                    self.guard.telemetry.refusal(spent, kind="budget", partition=plan.partition)
+                    await send_problem(send, spent, None)
                     return
                 deadline = asked
 
         guard = self.guard
         in_flight = self._in_flight
-        if not in_flight.enter(plan.rank, plan.partition):
+        contended = in_flight.of(plan.partition) >= in_flight.partition_cap and self._queue_stands(
+            plan.partition
+        )
+        if not in_flight.enter(plan.rank, plan.partition, contended):
             # guard.admit() counts its own refusals; this one is ours to count.
+            guard.record_refusal("inflight", plan.partition)
             guard.telemetry.shed(
                 reason="inflight_limit", priority=plan.priority, partition=plan.partition
             )
             retry = self._estimate_retry_after()
-            await _send_problem(
+            await send_problem(
                 send,
                 Shed(reason="inflight_limit", retry_after=retry, partition=plan.partition),
                 retry,
@@ -245,7 +205,7 @@ class PoolGuardMiddleware:
         try:
             decision = guard.admit(plan.priority, plan.partition)
             if not decision.admit:
-                await _send_problem(
+                await send_problem(
                     send,
                     Shed(
                         reason=decision.reason or "shed",
@@ -270,44 +230,67 @@ class PoolGuardMiddleware:
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send, budget: BudgetScope) -> None:
         """Run the app inside the budget, watching for the client going away."""
-        exchange = Exchange()
+        progress = ResponseProgress()
         server_timing = self.server_timing
 
         async def guarded_send(message: Message) -> None:
             kind = message["type"]
             if kind == "http.response.start":
                 # Set before sending: if send itself fails, a second start is still wrong.
-                exchange.started = True
+                progress.started = True
                 if server_timing:
-                    message = _with_server_timing(message, budget)
+                    message = with_server_timing(message, budget)
             elif kind == "http.response.body" and not message.get("more_body", False):
-                exchange.complete = True
+                progress.complete = True
             await send(message)
 
         receiver = Receiver(receive)
         app = self.app(scope, receiver.receive, guarded_send)
         if on_asyncio():
-            error = await run_cancel_once(app, receiver, exchange)
+            error = await run_cancel_once(app, receiver, progress)
         else:
-            error = await run_in_cancel_scope(app, receiver, exchange)
+            error = await run_in_cancel_scope(app, receiver, progress)
 
-        if exchange.abandoned:
+        if progress.abandoned:
             # The client is gone: nobody to answer. Cancelling may surface as an error from
             # the handler's database driver; that is the cancellation, not a fault.
             if error is not None:
-                log.debug("handler ended with %r after its client disconnected", error)
+                # The class only: a driver's message can quote the row that failed (a
+                # unique violation's DETAIL names the duplicate value).
+                log.debug(
+                    "handler ended with %s after its client disconnected",
+                    type(error).__qualname__,
+                )
             await _until_connections_returned(budget)
             return
         if error is None:
             return
-        refusal = _guard_error(error)
-        if refusal is None or exchange.started:
+        refusal = guard_error(error)
+        if refusal is None or progress.started:
             # Not ours to answer, or too late to: a second http.response.start is a protocol
             # error, so the server (and its error middleware) gets the exception instead.
             raise error
-        await _send_problem(
+        await send_problem(
             send, refusal, self._retry_after_for(refusal), budget if server_timing else None
         )
+
+    def _queue_stands(self, partition: str) -> bool:
+        """Whether ``partition``'s queue at the gate stands: its oldest waiter has waited a
+        whole shedding interval (100 ms by default), so the queue has not emptied in that
+        time, which is CoDel's notion of a standing queue. Only then does the route's share
+        of the requests in flight apply.
+
+        A waiter's age rather than "someone waits": measured under 30 closed-loop clients on
+        a fast route (bench_closed_loop.py with its gate probe), the gate had waiters in 1%
+        of samples and its oldest waiter reached 47 ms, with the pool never full; a share
+        applied on "someone waits" refused some of those healthy requests in every run.
+        """
+        gate: Gate = self.guard.gate
+        if not gate.waiting:
+            return False
+        now = time.monotonic()
+        interval: float = self.guard.config.shed.interval
+        return gate.oldest_wait(now, partition) >= interval
 
     def _retry_after_for(self, err: PoolGuardError) -> float | None:
         """Retry-After for the refusals that pass with time (503s); None for the rest.
@@ -335,7 +318,7 @@ class PoolGuardMiddleware:
                 return routes
         return None
 
-    def _plan_for(self, scope: Scope) -> _Plan:
+    def _plan_for(self, scope: Scope) -> Plan:
         routes = self._route_table(scope)
         if routes is None:
             return self._unmatched
@@ -348,14 +331,14 @@ class PoolGuardMiddleware:
             # HEAD is served by the GET handler (Starlette adds HEAD to GET routes), so it
             # takes the GET rule and shares the GET partition.
             method = "GET"
-        elif method not in _METHODS:
-            method = _OTHER
+        elif method not in METHODS:
+            method = OTHER_METHOD
         key = (method, found)
         plan = self._plans.get(key)
         if plan is None:
             rule = self._rules.get((method, found)) or self._rules.get((None, found))
-            merged = _inherit(rule, self._default) if rule is not None else self._default
-            plan = self._plans[key] = _plan(merged, f"{method} {found}")
+            merged = inherit(rule, self._default) if rule is not None else self._default
+            plan = self._plans[key] = make_plan(merged, f"{method} {found}")
         return plan
 
     def _check_rules(self, scope: Scope) -> None:
@@ -407,171 +390,3 @@ async def _until_connections_returned(budget: BudgetScope) -> None:
     until = (budget.deadline_at if budget.deadline_at is not None else now) + RETURN_GRACE
     while budget.connections > 0 and time.monotonic() < until:
         await anyio.sleep(0.01)
-
-
-# -- rules ------------------------------------------------------------------------------------
-def _parse_rules(routes: Mapping[str, RouteRule] | None) -> dict[tuple[str | None, str], RouteRule]:
-    if routes is None:
-        return {}
-    if not isinstance(routes, Mapping):
-        raise TypeError(
-            f"routes must be a mapping of template to RouteRule, got {type(routes).__name__}"
-        )
-    rules: dict[tuple[str | None, str], RouteRule] = {}
-    for key, rule in routes.items():
-        if not isinstance(key, str):
-            raise TypeError(f"routes keys must be str templates, got {key!r}")
-        if not isinstance(rule, RouteRule):
-            raise TypeError(f"routes[{key!r}] must be a RouteRule, got {type(rule).__name__}")
-        parsed = _parse_key(key)
-        if parsed in rules:
-            raise ValueError(f"routes[{key!r}] repeats the rule for {_describe(parsed)}")
-        rules[parsed] = rule
-    return rules
-
-
-def _parse_key(key: str) -> tuple[str | None, str]:
-    """``"GET /items/{id:int}"`` -> ("GET", "/items/{id}"): the router's own path format."""
-    parts = key.split()
-    if len(parts) == 2:
-        method: str | None = parts[0].upper()
-        path = parts[1]
-        if method == "HEAD":
-            raise ValueError(f"routes[{key!r}]: HEAD requests take the GET rule; key it on GET")
-        if method not in _METHODS:
-            raise ValueError(f"routes[{key!r}]: unknown HTTP method {parts[0]!r}")
-    elif len(parts) == 1:
-        method, path = None, parts[0]
-    else:
-        raise ValueError(f"routes[{key!r}] must be 'METHOD /template' or '/template'")
-    if not path.startswith("/"):
-        raise ValueError(f"routes[{key!r}]: a route template starts with '/'")
-    try:
-        _, path_format, _ = compile_path(path)
-    except (AssertionError, ValueError) as err:
-        raise ValueError(f"routes[{key!r}]: not a route template ({err})") from None
-    return method, path_format
-
-
-def _describe(key: tuple[str | None, str]) -> str:
-    return f"{key[0]} {key[1]}" if key[0] else key[1]
-
-
-def _inherit(rule: RouteRule, base: RouteRule) -> RouteRule:
-    def pick(name: str) -> Any:
-        value = getattr(rule, name)
-        return getattr(base, name) if value is None else value
-
-    return RouteRule(
-        deadline=pick("deadline"),
-        statement_timeout=pick("statement_timeout"),
-        max_queries=pick("max_queries"),
-        max_db_time=pick("max_db_time"),
-        max_connections=pick("max_connections"),
-        priority=pick("priority"),
-        exempt=rule.exempt,
-    )
-
-
-def _plan(rule: RouteRule, partition: str) -> _Plan:
-    priority = rule.priority or "normal"
-    return _Plan(
-        partition=partition,
-        priority=priority,
-        rank=PRIORITY_RANK[priority],
-        exempt=rule.exempt,
-        deadline=rule.deadline if rule.deadline is not None else DEFAULT_DEADLINE,
-        statement_timeout=rule.statement_timeout,
-        max_queries=rule.max_queries,
-        max_db_time=rule.max_db_time,
-        max_connections=rule.max_connections,
-    )
-
-
-# -- the wire ---------------------------------------------------------------------------------
-def _header_deadline(headers: Any, name: bytes) -> float | None:
-    """The caller's remaining time from its deadline header; None when absent or unusable.
-
-    A repeated header is ignored rather than guessed at (which copy is the caller's?).
-    """
-    try:
-        found: bytes | None = None
-        for key, value in headers or ():
-            if key.lower() == name:
-                if found is not None:
-                    return None
-                found = value
-        if found is None:
-            return None
-        match = _DEADLINE_VALUE.fullmatch(found)
-    except (TypeError, ValueError, AttributeError):  # a malformed scope: ignore the header
-        return None
-    if match is None:
-        return None
-    return float(match.group(1))
-
-
-def _guard_error(exc: BaseException) -> PoolGuardError | None:
-    """The poolguard refusal behind ``exc``, also inside single-exception groups."""
-    for _ in range(MAX_DEPTH):
-        if isinstance(exc, PoolGuardError):
-            return exc
-        inner = getattr(exc, "exceptions", None)  # (Base)ExceptionGroup, also on 3.10
-        if not (isinstance(inner, tuple) and len(inner) == 1):
-            return None
-        exc = inner[0]
-    return None
-
-
-def _retry_after_value(seconds: float) -> bytes:
-    if not math.isfinite(seconds) or seconds < 1:
-        return b"1"
-    return str(math.ceil(seconds)).encode("ascii")
-
-
-def _server_timing_value(budget: BudgetScope) -> bytes:
-    return (
-        f"db;dur={budget.db_time * 1000:.2f}, db-wait;dur={budget.pool_wait * 1000:.2f}, "
-        f'db-queries;desc="{budget.queries}"'
-    ).encode("ascii")
-
-
-def _with_server_timing(message: Message, budget: BudgetScope) -> Message:
-    # A new message: the app may reuse its own dict and its header list.
-    headers = [*message.get("headers", ()), (b"server-timing", _server_timing_value(budget))]
-    return {**message, "headers": headers}
-
-
-def _problem_document(err: PoolGuardError) -> dict[str, Any]:
-    """``err.problem()``, or its literal-free essentials if building it fails.
-
-    A refusal must reach the client as its 503/504 whatever happens to its description:
-    a 500 would hide the very status that tells the client to back off.
-    """
-    try:
-        return err.problem()
-    except Exception:
-        log.warning("%s.problem() failed; answering with a minimal document", type(err).__name__)
-        return {
-            "type": f"https://poolguard.dev/problems/{err.kind}",
-            "title": err.title,
-            "status": err.http_status,
-        }
-
-
-async def _send_problem(
-    send: Send, err: PoolGuardError, retry_after: float | None, budget: BudgetScope | None = None
-) -> None:
-    """Answer with ``err``'s RFC 9457 document: no SQL, parameters or traceback in it."""
-    body = json.dumps(_problem_document(err), separators=(",", ":")).encode("utf-8")
-    headers = [
-        (b"content-type", b"application/problem+json"),
-        (b"content-length", str(len(body)).encode("ascii")),
-        (b"cache-control", b"no-store"),
-    ]
-    if retry_after is not None:
-        headers.append((b"retry-after", _retry_after_value(retry_after)))
-    if budget is not None:
-        headers.append((b"server-timing", _server_timing_value(budget)))
-    await send({"type": "http.response.start", "status": err.http_status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
