@@ -626,3 +626,189 @@ def test_nasty_fixed_literals(template: str) -> None:
     ]
     for shift in range(len(lits)):
         _check(template, lits[shift:] + lits[:shift])
+
+
+# --------------------------------------------------------------------------- dialects
+
+from poolguard.observe.fingerprint import fingerprinter_for  # noqa: E402
+from poolguard.observe.lexer import lexer_for, nested_comment_end  # noqa: E402
+
+SECRET = "s3cr3tvalue"
+
+
+@pytest.mark.parametrize(
+    ("dialect", "sql", "expected"),
+    [
+        # PostgreSQL: standard_conforming_strings, E'', U&'', dollar quotes, nested comments
+        ("postgresql", f"SELECT 1 /* a /* b */ {SECRET} */ FROM t", "select ? from t"),
+        ("postgresql", f"SELECT 1 /* a /* b */ {SECRET}", "select ?"),
+        ("postgresql", f"SELECT E'it\\'s {SECRET}', x FROM t", "select ?, x from t"),
+        ("postgresql", f"SELECT e'\\\\' || '{SECRET}' FROM t", "select ? || ? from t"),
+        ("postgresql", f"SELECT U&'d\\0061t {SECRET}' UESCAPE '!'", "select ? uescape ?"),
+        ("postgresql", 'SELECT U&"d\\0061t" FROM t', 'select U&"d\\0061t" from t'),
+        ("postgresql", f"SELECT $fn$ it's {SECRET} $x$ $fn$, $1 FROM t", "select ?, ? from t"),
+        ("postgresql", f"SELECT $${SECRET}$$", "select ?"),
+        ("postgresql", "SELECT X'DEADBEEF', B'0101', 0b101, 0o17, 0x1F_FF", "select ?, ?, ?, ?, ?"),
+        ("postgresql", "SELECT a # b, c #> '{x}' FROM t", "select a # b, c #> ? from t"),
+        ("postgresql", f"SELECT 'C:\\', '{SECRET}'", "select ?, ?"),
+        ("postgresql", f"SELECT N'{SECRET}', '{SECRET}''s'", "select ?, ?"),
+        # MySQL and MariaDB: "..." strings, backslash escapes, #, "-- ", /*! */, introducers
+        ("mysql", f'SELECT * FROM t WHERE name = "{SECRET}"', "select * from t where name = ?"),
+        ("mariadb", f'SELECT "it\\"s {SECRET}", x FROM t', "select ?, x from t"),
+        ("mysql", f"SELECT 'it\\'s {SECRET}', x FROM t", "select ?, x from t"),
+        ("mysql", f"SELECT 'a''b {SECRET}', \"a\"\"b\", x FROM t", "select ?, ?, x from t"),
+        ("mysql", f"SELECT x FROM t # {SECRET}\nWHERE y = 1", "select x from t where y = ?"),
+        ("mysql", f"SELECT x FROM t -- {SECRET}", "select x from t"),
+        ("mysql", "SELECT 5--1", "select ?-?"),  # not a comment: 5 - (-1)
+        ("mysql", f"SELECT /*!50000 '{SECRET}' */ x FROM t", "select x from t"),
+        ("mysql", f"SELECT _utf8mb4'{SECRET}', N'{SECRET}', X'0A', b'01'", None),
+        ("mariadb", "SELECT `we``ird`, 0b0101, 0xFF FROM `t`", "select `we``ird`, ?, ? from `t`"),
+        # SQLite: standard strings, [identifiers], $name and @name parameters
+        ("sqlite", f"SELECT 'it''s {SECRET}', x FROM t", "select ?, x from t"),
+        ("sqlite", "SELECT [order id] FROM [order items]", "select [order id] from [order items]"),
+        ("sqlite", "SELECT * FROM t WHERE a = $a AND b = @b AND c = ?1", None),
+        ("sqlite", f"SELECT 'C:\\', '{SECRET}'", "select ?, ?"),
+        ("sqlite", f"SELECT X'{SECRET.encode().hex()}'", "select ?"),
+        # anything else: the conservative generic reading
+        ("oracle", f"SELECT 1 /* a /* b */ {SECRET} */ FROM t", "select ? from t"),
+        ("mssql", f"SELECT 'it\\'s {SECRET}', x FROM t", None),
+        ("", f"SELECT E'\\'{SECRET}', $q${SECRET}$q$", "select ?, ?"),
+    ],
+)
+def test_dialect_rules_never_leak(dialect: str, sql: str, expected: str | None) -> None:
+    fp = fingerprinter_for(dialect)(sql)
+    assert SECRET not in fp.normalized and SECRET not in fp.summary
+    assert "s3cr3t" not in fp.normalized
+    if expected is not None:
+        assert fp.normalized == expected
+    if "$a" in sql:
+        assert fp.normalized == "select * from t where a = ? and b = ? and c = ?"
+
+
+def test_mysql_double_quotes_were_kept_by_the_dialect_blind_reading() -> None:
+    # What 0.1 did with MariaDB's "..." strings, and still does in the generic reading
+    # (where "..." is an identifier, as the SQL standard says).
+    sql = f'SELECT * FROM users WHERE email = "{SECRET}@example.org"'
+    assert SECRET in fingerprint(sql).normalized
+    mysql = fingerprinter_for("mariadb")(sql)
+    assert mysql.normalized == "select * from users where email = ?"
+    assert mysql.summary == "SELECT users"
+
+
+def test_fingerprinters_are_shared_cached_and_agree_on_plain_sql() -> None:
+    assert fingerprinter_for("mysql") is fingerprinter_for("mariadb")
+    assert fingerprinter_for("firebird") is fingerprint
+    assert fingerprinter_for("postgresql") is fingerprinter_for("postgresql")
+    cache_clear()
+    sql = "SELECT users.id FROM users WHERE users.id IN (%(p1)s, %(p2)s) AND name = %(n)s"
+    ids = {fingerprinter_for(d)(sql).id for d in ("postgresql", "mysql", "sqlite", "x")}
+    assert len(ids) == 1  # a statement every dialect reads alike keeps its id
+    pg = fingerprinter_for("postgresql")
+    assert pg(sql) is pg(sql)
+    assert cache_info() == (2, 4)
+    cache_clear()
+    assert cache_info() == (0, 0)
+
+
+def test_summaries_follow_the_dialect() -> None:
+    assert fingerprinter_for("mysql")('SELECT * FROM "users"').summary == "SELECT"
+    assert fingerprinter_for("postgresql")('SELECT * FROM "users"').summary == "SELECT users"
+    assert fingerprinter_for("sqlite")("SELECT * FROM [order items]").summary == (
+        "SELECT order items"
+    )
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mysql", "sqlite", "generic"])
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "/*" * 50_000 + "*/" * 50_000,
+        "/*" * 100_000,
+        "*/" * 100_000,
+        "'\\" * 50_000,
+        '"\\' * 50_000,
+        "'" + "\\\\" * 50_000 + "\\'",
+        "SELECT '" + "''\\" * 30_000,
+        "[" * 100_000,
+    ],
+)
+def test_pathological_statements_are_linear_in_every_dialect(dialect: str, sql: str) -> None:
+    # would hang for minutes under catastrophic backtracking or a quadratic comment scan
+    assert len(fpmod._make(sql, lexer_for(dialect)).id) == 16
+
+
+def test_nested_comment_end() -> None:
+    s = "/* a /* b */ c */ tail"
+    assert s[nested_comment_end(s, 2) :] == " tail"
+    assert nested_comment_end("/* never closed /* */", 2) == len("/* never closed /* */")
+    assert nested_comment_end("/**/x", 2) == 4
+
+
+def _quoted(data: st.DataObject, dialect: str, value: str) -> Lit:
+    """``value`` as a literal in one of ``dialect``'s quoting forms, escaped as that dialect
+    requires (so that the server would read exactly ``value``)."""
+    secrets = _secrets_of_text(value)
+    forms = {
+        "postgresql": ["std", "e", "dollar", "uamp", "n"],
+        "mysql": ["my_sq", "my_sq_doubled", "my_dq", "my_n", "my_introducer"],
+        "sqlite": ["std"],
+        "generic": ["std", "e", "dollar", "my_sq"],
+    }[dialect]
+    form = data.draw(st.sampled_from(forms))
+    exact = True
+    bs = value.replace("\\", "\\\\")
+    if form == "std":
+        sql = "'" + value.replace("'", "''") + "'"
+        exact = dialect != "generic" or "\\" not in value
+    elif form == "n":
+        sql = "N'" + value.replace("'", "''") + "'"
+    elif form == "e":
+        sql = "E'" + bs.replace("'", "\\'") + "'"
+    elif form == "uamp":
+        sql = "U&'" + bs.replace("'", "''") + "'"
+    elif form == "dollar":
+        tag = data.draw(st.sampled_from(["", "q", "body", "x_1"]))
+        quote = f"${tag}$"
+        assume((value + quote).find(quote) == len(value))  # PostgreSQL could not say it
+        sql = f"{quote}{value}{quote}"
+    elif form == "my_sq":
+        sql = "'" + bs.replace("'", "\\'") + "'"
+        exact = dialect != "generic"
+    elif form == "my_sq_doubled":
+        sql = "'" + bs.replace("'", "''") + "'"
+    elif form == "my_dq":
+        sql = '"' + bs.replace('"', '\\"') + '"'
+    elif form == "my_n":
+        sql = "N'" + bs.replace("'", "\\'") + "'"
+    else:
+        sql = "_utf8mb4'" + bs.replace("'", "''") + "'"
+        return Lit(sql, "_utf8mb4'x'", secrets)
+    return Lit(sql, "'x'", secrets, exact)
+
+
+@given(
+    data=st.data(),
+    dialect=st.sampled_from(["postgresql", "mysql", "sqlite", "generic"]),
+    template=st.sampled_from(_TEMPLATES),
+)
+@settings(max_examples=600, deadline=None)
+def test_no_literal_survives_in_any_dialects_quoting(
+    data: st.DataObject, dialect: str, template: str
+) -> None:
+    lex = lexer_for(dialect)
+    n = template.count("{}")
+    lits = [_quoted(data, dialect, data.draw(_text)) for _ in range(n)]
+    sql = template.format(*(lit.sql for lit in lits))
+    fp = fpmod._make(sql, lex)
+    ref = fpmod._make(template.format(*(lit.canonical for lit in lits)), lex)
+    if all(lit.exact for lit in lits):
+        assert fp.id == ref.id, (sql, fp.normalized, ref.normalized)
+        assert fp.summary == ref.summary
+    template_text = ref.normalized.casefold() + " " + ref.summary.casefold()
+    for lit in lits:
+        for secret in lit.secrets:
+            s = secret.casefold()
+            if s in template_text:
+                continue
+            assert s not in fp.normalized.casefold(), (sql, fp.normalized)
+            assert s not in fp.summary.casefold(), (sql, fp.summary)
