@@ -212,7 +212,7 @@ class PoolGuard:
                 "release() takes a fingerprint id or the statement's SQL, got "
                 f"{type(fingerprint_or_sql).__name__}"
             )
-        fp_id = fingerprint_id(fingerprint_or_sql)
+        fp_id = fingerprint_id(fingerprint_or_sql, self._parts.fingerprint)
         p = self._parts
         t = p.quarantine.release(fp_id, time.monotonic())
         if p.fleet is not None:

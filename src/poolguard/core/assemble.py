@@ -14,7 +14,7 @@ from poolguard.core.own_sessions import OwnSessions
 from poolguard.core.parts import Parts
 from poolguard.dialects import enforcer_for
 from poolguard.observe.alerts import Alerter
-from poolguard.observe.fingerprint import fingerprint
+from poolguard.observe.fingerprint import Fingerprint, fingerprinter_for
 from poolguard.observe.telemetry import (
     PoolState,
     Telemetry,
@@ -41,6 +41,7 @@ def build_parts(
         idle_in_transaction_timeout=t.idle_in_transaction_timeout,
     )
     name = tc.pool_name or default_pool_name(engine)
+    fingerprint = fingerprinter_for(engine.dialect.name)
     parts = Parts(
         config=config,
         engine=engine,
@@ -56,7 +57,7 @@ def build_parts(
             window=q.window,
             cooldown=q.cooldown,
             max_cooldown=q.max_cooldown,
-            allow=[fingerprint_id(item) for item in q.allow],
+            allow=[fingerprint_id(item, fingerprint) for item in q.allow],
         ),
         telemetry=Telemetry(
             pool_name=name,
@@ -84,8 +85,9 @@ def build_parts(
     return parts
 
 
-def fingerprint_id(item: str) -> str:
-    """A fingerprint id given as itself (16 hex digits) or as the statement's SQL."""
+def fingerprint_id(item: str, fingerprint: Callable[[str], Fingerprint]) -> str:
+    """A fingerprint id given as itself (16 hex digits) or as the statement's SQL, read by
+    the engine's dialect rules (as the statement path reads it)."""
     if len(item) == 16 and all(c in "0123456789abcdef" for c in item):
         return item
     return fingerprint(item).id

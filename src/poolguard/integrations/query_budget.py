@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from poolguard.observe.fingerprint import Fingerprint, fingerprint
+from poolguard.observe.fingerprint import Fingerprint, fingerprinter_for
 
 __all__ = [
     "MARKER",
@@ -335,7 +335,8 @@ _HUB = _Hub()
 def _before_cursor_execute(
     conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
 ) -> None:
-    fp = fingerprint(statement)
+    # The engine's dialect rules, as the guard's statement path reads the same statement.
+    fp = fingerprinter_for(conn.dialect.name)(statement)
     _HUB.pending[id(cursor)] = (fp, time.perf_counter())
     for rec in _HUB.recorders:
         rec._started(fp)
