@@ -8,8 +8,8 @@ pass by skipping everything.
 Every test is checked for leaks after its teardown (``_no_leak_after_each_test``): every
 guard built during it, and every guard still installed, has no checked-out connection and
 no held or queued gate slot; every middleware's in-flight count is back to zero; and a test
-on PostgreSQL leaves no server session behind (poolguard's own blame and cancel sessions
-included).
+on PostgreSQL or MariaDB leaves no server session behind (poolguard's own blame and cancel
+sessions included) beyond the idle connections that live pools keep.
 """
 
 from __future__ import annotations
@@ -329,21 +329,25 @@ def leaks() -> list[str]:
     return found
 
 
-_SESSIONS_SQL = (
-    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-    "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-)
+_SESSIONS_SQL = {
+    "postgresql": "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+    "AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+    "mariadb": "SELECT count(*) FROM information_schema.processlist "
+    "WHERE db = database() AND id <> connection_id()",
+}
 
 
-class _PgSessions:
+class _ServerSessions:
     """Counts the client sessions on the test database, on a connection of its own."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, kind: str, url: str) -> None:
+        self.kind = kind
+        self.sql = sa.text(_SESSIONS_SQL[kind])
         self.engine = sa.create_engine(url, poolclass=sa.NullPool)
 
     def count(self) -> int:
         with self.engine.connect() as c:
-            return int(c.execute(sa.text(_SESSIONS_SQL)).scalar_one())
+            return int(c.execute(self.sql).scalar_one())
 
     def settle(self, baseline: int, allowed: int) -> int:
         """The session count once it is back at ``baseline + allowed`` (sessions end
@@ -357,7 +361,7 @@ class _PgSessions:
         return n
 
 
-_pg_sessions: dict[str, _PgSessions] = {}
+_server_sessions: dict[str, _ServerSessions] = {}
 
 
 def _pooled(guards: list[Any]) -> int:
@@ -373,14 +377,16 @@ def _pooled(guards: list[Any]) -> int:
 @pytest.fixture(autouse=True)
 def _no_leak_after_each_test(request: pytest.FixtureRequest) -> Iterator[None]:
     """After the test and all its fixtures are torn down: nothing held, nothing in flight,
-    no server session left on PostgreSQL (see the module docstring)."""
+    no server session left on PostgreSQL or MariaDB (see the module docstring)."""
     sessions = None
-    if "pg_url" in request.fixturenames:
-        url = request.getfixturevalue("pg_url")
-        sessions = _pg_sessions.get(url)
-        if sessions is None:
-            sessions = _pg_sessions[url] = _PgSessions(url)
-        baseline = sessions.count()
+    for kind, fixture in (("postgresql", "pg_url"), ("mariadb", "mariadb_url")):
+        if fixture in request.fixturenames:
+            url = request.getfixturevalue(fixture)
+            sessions = _server_sessions.get(url)
+            if sessions is None:
+                sessions = _server_sessions[url] = _ServerSessions(kind, url)
+            baseline = sessions.count()
+            break
     _made.clear()
     yield
     try:
@@ -393,8 +399,8 @@ def _no_leak_after_each_test(request: pytest.FixtureRequest) -> Iterator[None]:
             n = sessions.settle(baseline, _pooled(live))
             if n > baseline + _pooled(live):
                 found.append(
-                    f"PostgreSQL: {n} client sessions on the test database after the test, "
-                    f"{baseline} before and {_pooled(live)} pooled by live engines"
+                    f"{sessions.kind}: {n} client sessions on the test database after the "
+                    f"test, {baseline} before and {_pooled(live)} pooled by live engines"
                 )
         assert not found, "leaked: " + "; ".join(found)
     finally:
