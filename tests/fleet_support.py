@@ -279,3 +279,65 @@ def private_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+def guard_worker(
+    db_url: str,
+    redis_url: str,
+    name: str,
+    fleet_kw: dict[str, Any],
+    guard_kw: dict[str, Any],
+    sql: str,
+    duration: float,
+    every: float,
+    out: Any,
+    ctl: Any,
+) -> None:
+    """A child process: ``PoolGuard(engine, fleet=RedisFleet(...))`` running ``sql`` every
+    ``every`` seconds for ``duration`` s, each outcome stamped with ``time.time()`` (one host,
+    one clock). ``ctl`` takes ("release", sql) and ("stop",). Puts {"ready": True} once the
+    guard joined, then the result: events, ``stats()["fleet"]`` and the leak check."""
+    import queue as q
+
+    import sqlalchemy as sa
+
+    from poolguard import PoolGuard, PoolSaturated, QueryQuarantined, QueryTimeout
+    from poolguard.fleet import RedisFleet
+
+    engine = sa.create_engine(db_url, pool_size=guard_kw.pop("pool_size", 3), max_overflow=0)
+    guard = PoolGuard(engine, fleet=RedisFleet(redis_url, name=name, **fleet_kw), **guard_kw)
+    out.put({"ready": True})
+    events: list[tuple[float, str]] = []
+    stop = time.monotonic() + duration
+    while time.monotonic() < stop:
+        try:
+            cmd = ctl.get_nowait()
+        except q.Empty:
+            cmd = None
+        if cmd is not None:
+            if cmd[0] == "stop":
+                break
+            if cmd[0] == "release":
+                guard.release(cmd[1])
+                events.append((time.time(), "released"))
+        t0 = time.time()
+        try:
+            with engine.connect() as c:
+                c.execute(sa.text(sql))
+            kind = "ok"
+        except QueryQuarantined:
+            kind = "quarantined"
+        except QueryTimeout:
+            kind = "timeout"
+        except PoolSaturated:
+            kind = "saturated"
+        except Exception as e:
+            kind = f"error:{type(e).__name__}"
+        events.append((t0, kind))
+        time.sleep(max(0.0, min(every, stop - time.monotonic())))
+    fleet = guard.stats()["fleet"]
+    g = guard.gate.snapshot()
+    leak = {"held": g.held, "waiting": g.waiting, "checkedout": engine.pool.checkedout()}
+    guard.close()
+    engine.dispose()
+    out.put({"events": events, "fleet": fleet, "leak": leak})

@@ -204,6 +204,8 @@ class RedisMember:
             if t is not threading.current_thread():
                 t.join(timeout=2.0)
         try:
+            if not self.degraded:
+                self.link.flush()  # strikes and releases still queued: worth one round trip each
             self.store.leave(self.id)
         except StoreError:
             pass  # the leases expire within one TTL

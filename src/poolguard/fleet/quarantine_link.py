@@ -127,6 +127,11 @@ class QuarantineLink:
         with self._lock:
             return min(self._due.values(), default=now + 3600.0)
 
+    def flush(self) -> None:
+        """Send what is still queued (leaving the fleet); raises the store's error."""
+        while self._queue:
+            self._send(self._queue.popleft())
+
     def _send(self, op: _Op) -> None:
         kind, fp, summary, how, cooldown, timeouts = op
         q = self.q
