@@ -9,8 +9,10 @@ expanded ``IN`` list. ``StatsRegistry.record()`` also runs for every statement.
 
 Cases:
 
-* hit: the same string object, and an equal string built anew (its hash is not cached yet);
-* miss: a typical ~330-character ORM statement, a short one, and a 70 KiB bulk insert;
+* hit: the same string object, and an equal string built anew (its hash is not cached yet),
+  through ``fingerprint`` (generic) and through a dialect's ``fingerprinter_for`` function;
+* miss: a typical ~330-character ORM statement, a short one, and a 70 KiB bulk insert, with
+  the generic lexer and each dialect's;
 * record: one execution into an existing row, and a connection hold.
 
 Each figure is the best of five runs, in microseconds per call.
@@ -23,7 +25,8 @@ import timeit
 from collections.abc import Callable
 
 from poolguard.observe import fingerprint as fpmod
-from poolguard.observe.fingerprint import fingerprint
+from poolguard.observe.fingerprint import fingerprint, fingerprinter_for
+from poolguard.observe.lexer import lexer_for
 from poolguard.observe.stats import StatsRegistry
 
 TYPICAL = (
@@ -42,6 +45,17 @@ BULK = "INSERT INTO t (a, b, c) VALUES " + ", ".join(
 def best(fn: Callable[[], object], number: int) -> float:
     """Best of five, in microseconds per call."""
     return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
+
+
+def _dialect_misses(dialect: str, miss_n: int) -> list[tuple[str, float]]:
+    lex = lexer_for(dialect)
+    return [
+        (f"miss: typical, {dialect}", best(lambda: fpmod._make(TYPICAL, lex), miss_n)),
+        (
+            f"miss: bulk insert, {dialect}",
+            best(lambda: fpmod._make(BULK, lex), max(1, miss_n // 100)),
+        ),
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,6 +80,11 @@ def main(argv: list[str] | None = None) -> None:
             best(lambda: fpmod._make(BULK), max(1, miss_n // 100)),
         ),
     ]
+    pg = fingerprinter_for("postgresql")
+    pg(TYPICAL)
+    rows.append(("hit: fingerprinter_for('postgresql')", best(lambda: pg(TYPICAL), n)))
+    for dialect in ("postgresql", "mysql", "sqlite"):
+        rows += _dialect_misses(dialect, miss_n)
     reg = StatsRegistry()
     fp = fingerprint(TYPICAL)
     reg.record(fp, 0.001)
