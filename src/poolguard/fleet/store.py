@@ -14,6 +14,7 @@ import asyncio
 import json
 import threading
 import weakref
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,7 +137,7 @@ class Store:
         self, member: str, seq: int, *, want: int, ttl: float, cap: int, pool: int, info: str
     ) -> Reply:
         """As :meth:`sync` (a borrow) on the running loop's own ``redis.asyncio`` client."""
-        script = self._async_script()
+        script = await self._async_script()
         args = [self.prefix, member, seq, want, 0, _ms(ttl), cap, pool, info, "0"]
         return _reply(seq, await script(keys=self._keys, args=args))
 
@@ -218,14 +219,19 @@ class Store:
         ps.subscribe(self.channel)
         return ps
 
-    def _async_script(self) -> Any:
+    async def _async_script(self) -> Any:
         loop = asyncio.get_running_loop()
         with self._async_lock:
-            script = self._async.get(loop)
-            if script is None:
-                client = aredis.Redis.from_url(self.url, **self._kw)
-                script = client.register_script(scripts.SYNC)
-                self._async[loop] = script
+            entry = self._async.get(loop)
+            if entry is not None:
+                return entry[0]
+            client = aredis.Redis.from_url(self.url, **self._kw)
+            script = client.register_script(scripts.SYNC)
+            closer = _close_with_loop(client)
+            self._async[loop] = (script, closer)
+        # The loop tracks the async generator from its first step, and closes it when it
+        # shuts down (``asyncio.run`` does): the client's sockets go with their loop.
+        await closer.__anext__()
         return script
 
     def close_clients(self) -> None:
@@ -234,7 +240,7 @@ class Store:
         with self._async_lock:
             items = list(self._async.items())
             self._async.clear()
-        for loop, script in items:
+        for loop, (script, _) in items:
             client = script.registered_client
             if loop.is_closed():
                 continue
@@ -254,6 +260,14 @@ _SOURCES = {
     "state": scripts.STATE,
     "read": scripts.READ,
 }
+
+
+async def _close_with_loop(client: Any) -> AsyncIterator[None]:
+    try:
+        yield
+        await asyncio.Event().wait()  # pragma: no cover - never resumed, only closed
+    finally:
+        await client.aclose()
 
 
 def _reply(seq: int, r: Any) -> Reply:
