@@ -15,7 +15,7 @@ run is poolguard's successful requests/s over the plain app's in that same run, 
 figures reported are medians over the runs. Refusals are every answer that is not 200 in
 poolguard mode (any at all is a failure), cross-checked against ``stats()["refusals"]``.
 
-    python benchmarks/bench_closed_loop.py                     # 3 runs x (16, 30, 60) x 2 modes, ~3 min
+    python benchmarks/bench_closed_loop.py     # 3 runs x (16, 30, 60) x 2 modes, ~4 min
     python benchmarks/bench_closed_loop.py --runs 5 --json benchmarks/results/closed_loop.json
     OUTAGE_REPLAY_PROBE=1 python benchmarks/bench_closed_loop.py --runs 1   # + gate samples
 

@@ -1,5 +1,6 @@
-"""Alerts: debounced per (kind, key), logged, forwarded, never raised; pure detectors driven
-by a fake clock."""
+"""Alerts: debounced per (kind, key), logged, forwarded, never raised; the pure detectors of
+poolguard.policy.detectors driven by a fake clock (storms on real servers:
+tests/test_judgement_storm.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 import pytest
 
 from poolguard.observe import alerts as alerts_mod
-from poolguard.observe.alerts import Alert, Alerter, SaturationDetector, StormDetector
+from poolguard.observe.alerts import Alert, Alerter
+from poolguard.policy.detectors import SaturationDetector, StormDetector
 
 
 class Calls:
@@ -135,8 +137,8 @@ def test_only_known_kinds() -> None:
     [
         ({"debounce": -1}, ValueError, "debounce"),
         ({"debounce": float("inf")}, ValueError, "debounce"),
-        ({"debounce": True}, ValueError, "debounce"),
-        ({"debounce": "60"}, ValueError, "debounce"),
+        ({"debounce": True}, TypeError, "debounce"),
+        ({"debounce": "60"}, TypeError, "debounce"),
         ({"callback": 3}, TypeError, "callback"),
         ({"logger": "poolguard"}, TypeError, "logger"),
     ],

@@ -105,7 +105,7 @@ class GateProbe:
             now = time.monotonic()
             self.samples += 1
             held, waiting = gate.held, gate.waiting
-            if held >= gate.capacity:
+            if held >= gate.capacity - gate.reserve:  # no connection left for normal work
                 self.full += 1
             if waiting:
                 self.waiting += 1

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
 
@@ -123,8 +123,10 @@ class CheckoutPath:
                     reason="pool_timeout",
                     partition=partition,
                 ) from err
-            except BaseException:
+            except BaseException as err:
                 self.gate.release(ticket)
+                if isinstance(err, Exception):  # not a cancel or Ctrl-C: the connect failed
+                    self.p.connection_failed(time.monotonic())
                 raise
             finally:
                 _scope_var.reset(token)
@@ -238,5 +240,15 @@ class CheckoutPath:
 
     def on_connect(self, dbapi_connection: Any, record: Any) -> None:
         now = time.monotonic()
+        # A storm sign unless it is a QueuePool growing within its own bound (a burst
+        # opening the overflow): a record that had a connection before is reconnecting
+        # (its connection was invalidated), and a pool that keeps nothing (NullPool) opens
+        # a server session for every checkout.
+        pool = self.p.engine.pool
+        growing = (
+            isinstance(pool, QueuePool)
+            and "_poolguard_state" not in record.__dict__
+            and pool.size() + pool.overflow() <= self.gate.capacity
+        )
         conn_state(record).created_at = now
-        self.p.connection_opened(now)
+        self.p.connection_opened(now, reconnect=not growing)

@@ -18,11 +18,12 @@ from sqlalchemy.engine import Engine
 from poolguard.config import GuardConfig
 from poolguard.core.holds import Hold
 from poolguard.dialects import Enforcer
-from poolguard.observe.alerts import Alerter, SaturationDetector, StormDetector
+from poolguard.observe.alerts import Alerter
 from poolguard.observe.fingerprint import Fingerprint
 from poolguard.observe.refusals import RefusalCounts
 from poolguard.observe.stats import StatsRegistry
 from poolguard.observe.telemetry import Telemetry
+from poolguard.policy.detectors import SaturationDetector, StormDetector
 from poolguard.policy.gate import DEFAULT_PARTITION, Gate
 from poolguard.policy.quarantine import Quarantine, Transition
 from poolguard.policy.shedding import CoDelShedder
@@ -135,14 +136,34 @@ class Parts:
         if t.kind != "closed" and self.cancel_quarantined and self.own_sessions is not None:
             self.own_sessions.cancel_running(t.fingerprint)
 
-    def connection_opened(self, now: float) -> None:
-        if self.storm.observe(now):
+    def connection_opened(self, now: float, *, reconnect: bool) -> None:
+        """A connection was opened: a storm sign only when ``reconnect`` (the checkout path
+        tells): a connection replacing an invalidated one (a disconnect, a failed pre-ping,
+        a failover), or one a pool without pooling opens per checkout. A pool opening its
+        own overflow for a burst is doing what it is configured to do.
+        """
+        if reconnect:
+            self._storm_sign(now, failed=False)
+
+    def connection_failed(self, now: float) -> None:
+        """A connection attempt failed (the server refused, was down, or is unreachable)."""
+        self._storm_sign(now, failed=True)
+
+    def _storm_sign(self, now: float, *, failed: bool) -> None:
+        if self.storm.observe(now, failed):
+            attempts, failures = self.storm.counts(now)
             self.alerts.emit(
                 "connection_storm",
                 self.pool_name,
                 f"connection storm on pool {self.pool_name}: more than "
-                f"{self.storm.threshold} new connections within {self.storm.window:g} s",
-                {"pool": self.pool_name, "threshold": self.storm.threshold},
+                f"{self.storm.threshold} failed connects or reconnects within "
+                f"{self.storm.window:g} s ({failures} failed)",
+                {
+                    "pool": self.pool_name,
+                    "threshold": self.storm.threshold,
+                    "attempts": attempts,
+                    "failed": failures,
+                },
                 now,
             )
 

@@ -11,28 +11,23 @@ logger and, optionally, a call to the application's callback (to page, post to c
 A failing callback is logged and swallowed: alerting must never break the request that
 happened to trigger it.
 
-The detectors are pure: they take the time as an argument and do no I/O, so their edge cases
-are tested with a fake clock.
+When to raise them is decided by pure, clock-injected detectors in
+:mod:`poolguard.policy.detectors` (saturation, connection storms) and by the parts that see
+the events (leaks, quarantine transitions).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-__all__ = [
-    "Alert",
-    "AlertKind",
-    "Alerter",
-    "SaturationDetector",
-    "StormDetector",
-]
+from poolguard import validate as v
+
+__all__ = ["ALERT_KINDS", "Alert", "AlertKind", "Alerter"]
 
 AlertKind = Literal[
     "saturation", "connection_storm", "leak", "quarantine_opened", "quarantine_closed"
@@ -79,19 +74,12 @@ class Alerter:
         debounce: float = 60.0,
         logger: logging.Logger | None = None,
     ) -> None:
-        if callback is not None and not callable(callback):
-            raise TypeError(f"callback must be callable or None, got {type(callback).__name__}")
-        if (
-            isinstance(debounce, bool)
-            or not isinstance(debounce, (int, float))
-            or not math.isfinite(debounce)
-            or debounce < 0
-        ):
-            raise ValueError(f"debounce must be a finite number of seconds >= 0, got {debounce!r}")
+        v.callable_or_none("callback", callback)
+        debounce = v.seconds("debounce", debounce, zero=True)
         if logger is not None and not isinstance(logger, logging.Logger):
             raise TypeError(f"logger must be a logging.Logger, got {type(logger).__name__}")
         self.callback = callback
-        self.debounce = float(debounce)
+        self.debounce = debounce
         self.logger = logger if logger is not None else _LOGGER
         self._lock = threading.Lock()
         self._state: dict[tuple[str, str], _Debounce] = {}
@@ -157,104 +145,3 @@ class Alerter:
             oldest = sorted(self._state, key=lambda k: self._state[k].last)
             for k in oldest[: len(self._state) - _MAX_KEYS // 2]:
                 del self._state[k]
-
-
-def _check_seconds(name: str, value: object, *, allow_zero: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-    return v
-
-
-class SaturationDetector:
-    """Says once when the pool has been saturated for ``sustain`` seconds without a break.
-
-    A moment of saturation is normal (a burst the gate absorbs); minutes of it are an incident.
-    The detector re-arms only after a non-saturated observation, so one incident gives one
-    alert however long it lasts (and the alerter's debounce covers flapping).
-    """
-
-    def __init__(self, *, sustain: float = 5.0) -> None:
-        self.sustain = _check_seconds("sustain", sustain, allow_zero=True)
-        self._since: float | None = None
-        self._fired = False
-
-    def observe(self, saturated: bool, now: float) -> bool:
-        if not saturated:
-            self._since = None
-            self._fired = False
-            return False
-        if self._since is None:
-            self._since = now
-        if not self._fired and now - self._since >= self.sustain:
-            self._fired = True
-            return True
-        return False
-
-    @property
-    def saturated_since(self) -> float | None:
-        """The clock reading when the current run of saturation began, if one is going on."""
-        return self._since
-
-
-class StormDetector:
-    """Says when connection attempts (new or failed) exceed ``threshold`` within ``window``.
-
-    A storm is what clients retrying against a struggling database look like from the pool:
-    every new connection costs the server a process (PostgreSQL) or a thread, so it is worth
-    a page. After firing it stays quiet until the rate falls below ``threshold / 2``
-    (hysteresis), so a rate hovering at the threshold does not alert on every connect.
-
-    Memory is bounded: only the last ``threshold + 1`` attempts are kept, which is all it takes
-    to know whether more than ``threshold`` fell within the window.
-    """
-
-    def __init__(self, *, threshold: int, window: float = 10.0) -> None:
-        if isinstance(threshold, bool) or not isinstance(threshold, int):
-            raise TypeError(f"threshold must be an int, got {type(threshold).__name__}")
-        if threshold < 1:
-            raise ValueError(f"threshold must be at least 1, got {threshold!r}")
-        self.threshold = threshold
-        self.window = _check_seconds("window", window, allow_zero=False)
-        self._attempts: deque[tuple[float, bool]] = deque(maxlen=threshold + 1)
-        self._storming = False
-
-    def observe(self, now: float, failed: bool = False) -> bool:
-        """Count one connection attempt; True when it starts a storm."""
-        self._attempts.append((now, bool(failed)))
-        n = self._recent(now)
-        if self._storming:
-            if n < self.threshold / 2:
-                self._storming = False
-            return False
-        if n > self.threshold:
-            self._storming = True
-            return True
-        return False
-
-    @property
-    def storming(self) -> bool:
-        return self._storming
-
-    def counts(self, now: float) -> tuple[int, int]:
-        """(attempts, failed attempts) within the window, counted up to ``threshold + 1``."""
-        start = now - self.window
-        attempts = failed = 0
-        for t, f in reversed(self._attempts):
-            if t <= start:
-                break
-            attempts += 1
-            failed += f
-        return attempts, failed
-
-    def _recent(self, now: float) -> int:
-        start = now - self.window
-        n = 0
-        for t, _ in reversed(self._attempts):
-            if t <= start:
-                break
-            n += 1
-        return n

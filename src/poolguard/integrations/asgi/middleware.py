@@ -157,6 +157,9 @@ class PoolGuardMiddleware:
         self._expanded: Expansions = {}
         self._unmatched = make_plan(self._default, DEFAULT_PARTITION)
         self._in_flight = in_flight_for(guard, max_inflight)
+        self._stands_after: float = max(
+            guard.config.shed.interval, guard.config.timeouts.checkout_timeout / 2
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -275,22 +278,22 @@ class PoolGuardMiddleware:
         )
 
     def _queue_stands(self, partition: str) -> bool:
-        """Whether ``partition``'s queue at the gate stands: its oldest waiter has waited a
-        whole shedding interval (100 ms by default), so the queue has not emptied in that
-        time, which is CoDel's notion of a standing queue. Only then does the route's share
-        of the requests in flight apply.
+        """Whether ``partition``'s waiters at the gate are running out of time: its oldest
+        waiter has waited half the checkout bound (0.5 s by default; at least one shedding
+        interval). Only then does the route's share of the requests in flight apply: more
+        of its requests would join a queue they are unlikely to leave within their bound,
+        each holding a thread (FastAPI's 40 are shared by every route) while it waits.
 
-        A waiter's age rather than "someone waits": measured under 30 closed-loop clients on
-        a fast route (bench_closed_loop.py with its gate probe), the gate had waiters in 1%
-        of samples and its oldest waiter reached 47 ms, with the pool never full; a share
-        applied on "someone waits" refused some of those healthy requests in every run.
+        Not "someone waits", nor a standing queue of CoDel's 100 ms: measured with 30
+        closed-loop clients on two fast routes of a healthy app (bench_closed_loop.py and
+        its gate probe, on a loaded 2-core machine), the gate had waiters in 1-3% of
+        samples and its oldest waiter reached 106 ms, and a share applied at either of
+        those refused healthy requests. A rogue's waiters wait their whole bound.
         """
         gate: Gate = self.guard.gate
         if not gate.waiting:
             return False
-        now = time.monotonic()
-        interval: float = self.guard.config.shed.interval
-        return gate.oldest_wait(now, partition) >= interval
+        return gate.oldest_wait(time.monotonic(), partition) >= self._stands_after
 
     def _retry_after_for(self, err: PoolGuardError) -> float | None:
         """Retry-After for the refusals that pass with time (503s); None for the rest.
