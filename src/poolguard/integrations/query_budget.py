@@ -361,7 +361,16 @@ def _listeners() -> tuple[tuple[str, Any], ...]:
     )
 
 
+#: ``Engine._has_events`` before the plugin's listeners went on: SQLAlchemy sets the class
+#: flag when a Connection-level listener is added and never clears it, which would leave
+#: every engine of the process on the slow, event-dispatching execute path after one
+#: recorded test.
+_had_events: list[bool] = []
+
+
 def _install() -> None:
+    if not _had_events:
+        _had_events.append(bool(Engine.__dict__.get("_has_events", False)))
     for name, fn in _listeners():
         event.listen(Engine, name, fn)
 
@@ -370,6 +379,20 @@ def _uninstall() -> None:
     for name, fn in _listeners():
         if event.contains(Engine, name, fn):
             event.remove(Engine, name, fn)
+    if _had_events and not _class_listeners_left():
+        Engine._has_events = _had_events.pop()
+
+
+def _class_listeners_left() -> bool:
+    """Whether anyone else still listens on the Engine class for Connection events (when
+    SQLAlchemy's registry cannot be read, assume so and leave the flag alone)."""
+    dispatch: Any = Engine.dispatch
+    try:
+        return any(
+            bool(getattr(dispatch, name)._clslevel.get(Engine)) for name in dispatch._event_names
+        )
+    except AttributeError:
+        return True
 
 
 def listeners_installed() -> bool:
