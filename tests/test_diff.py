@@ -259,7 +259,8 @@ GOOD = report({T: [fp(USERS, 1)]})
     ("content", "message"),
     [
         (None, "no such file"),
-        (b"\xff\xfe\x00garbage", "not UTF-8"),
+        (b"\xff\xfegarbage", "not UTF-8"),
+        (b"{\"version\": 1\x00}", "holds NUL bytes"),
         (b"{not json", "not valid JSON (line 1, column 2"),
         (b"[]", "expected an object, got list"),
         (b'{"tests": {}}', "not a poolguard report"),
@@ -343,24 +344,41 @@ def test_dev_zero_and_oversized_files_are_bad_input(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # 0.1 read without a bound: `diff /dev/zero /dev/zero` ran until killed. Now the read
-    # stops at the limit (plus one byte), whatever kind of file it is.
-    assert main(["diff", "--max-report-size", "1", "/dev/zero", "/dev/zero"]) == 2
+    # stops at the first NUL byte (never in JSON text), and at the size limit in any case.
+    assert main(["diff", "/dev/zero", "/dev/zero"]) == 2
     err = capsys.readouterr().err
-    assert (
-        err
-        == "poolguard diff: /dev/zero: larger than 1 MiB, not a report (see --max-report-size)\n"
-    )
+    assert err == "poolguard diff: /dev/zero: holds NUL bytes, not a poolguard report\n"
     big = tmp_path / "big.json"
     big.write_text(json.dumps(GOOD) + " " * (2 * 2**20), encoding="utf-8")
     good = write(tmp_path, "good.json", GOOD)
     assert main(["diff", "--max-report-size", "1", str(big), good]) == 2
-    assert "larger than 1 MiB" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        f"poolguard diff: {big}: larger than 1 MiB, not a report (see --max-report-size)\n"
+    )
     assert main(["diff", "--max-report-size", "3", str(big), good]) == 0
 
 
-def test_dev_zero_with_the_default_limit_ends(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["diff", "/dev/zero", "/dev/zero"]) == 2
-    assert "larger than 256 MiB" in capsys.readouterr().err
+def test_an_endless_stream_ends_at_the_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    # a FIFO-like source of valid-looking text that never ends
+    import os
+    import threading
+
+    r, w = os.pipe()
+
+    def feed() -> None:
+        try:
+            with os.fdopen(w, "wb") as out:
+                while True:
+                    out.write(b" " * 65536)
+        except OSError:  # the reader closed its end
+            pass
+
+    threading.Thread(target=feed, daemon=True).start()
+    try:
+        assert main(["diff", "--max-report-size", "2", f"/dev/fd/{r}", f"/dev/fd/{r}"]) == 2
+    finally:
+        os.close(r)
+    assert "larger than 2 MiB" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -155,7 +155,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     add(
         "--max-report-size",
-        type=_number(0.001, 1e6),
+        type=_number(0.001, 16384.0),
         default=MAX_REPORT_BYTES / 2**20,
         metavar="MIB",
         help=f"refuse larger report files (default {MAX_REPORT_BYTES // 2**20})",

@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from poolguard.tools.diff.text import safe
 
@@ -37,6 +37,7 @@ __all__ = [
 REPORT_VERSION = 1
 #: Default bound on a report file's size (``--max-report-size`` changes it).
 MAX_REPORT_BYTES = 256 * 1024 * 1024
+_CHUNK = 1 << 20
 #: Counts above this are not exact as floats (2**53) and no test runs that many statements.
 _MAX_COUNT = 2**53
 #: Seconds above this (about 31 years) are not a measurement.
@@ -197,11 +198,25 @@ def parse_report(data: object, source: str = "report") -> Report:
     return Report(tests=tests, source=source)
 
 
+def _read_bounded(fh: BinaryIO, limit: int, name: str) -> bytes:
+    # In 1 MiB chunks (read(limit) would allocate the whole limit up front), refusing at
+    # the first NUL byte: JSON text never holds one, and /dev/zero is all of them.
+    data = bytearray()
+    while len(data) < limit:
+        chunk = fh.read(min(_CHUNK, limit - len(data)))
+        if not chunk:
+            break
+        if b"\x00" in chunk:
+            raise ReportError(f"{name}: holds NUL bytes, not a poolguard report")
+        data += chunk
+    return bytes(data)
+
+
 def _read(path: str | Path, max_bytes: int) -> bytes:
     name = safe(str(path))
     try:
-        with open(path, "rb") as fh:  # one bounded read, whatever kind of file it is
-            data = fh.read(max_bytes + 1)
+        with open(path, "rb") as fh:  # bounded reads, whatever kind of file it is
+            data = _read_bounded(fh, max_bytes + 1, name)
     except FileNotFoundError:
         raise ReportError(f"{name}: no such file") from None
     except IsADirectoryError:
