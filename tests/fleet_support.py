@@ -185,11 +185,17 @@ def gate_worker(
     duration: float,
     hold: float,
     out: Any,
+    skew: float = 0.0,
 ) -> None:
     """A child process: one member over a real Gate, ``threads`` threads checking out slots
     (borrowing when the gate is full, as the guard does) and holding each for ``hold`` s.
+    ``skew`` moves this process's wall clock (``time.time``), as another host's would be.
     Puts a result dict on ``out`` when done (a child killed mid-run puts nothing)."""
     import threading as th
+
+    if skew:
+        real = time.time
+        time.time = lambda: real() + skew  # type: ignore[assignment]
 
     from poolguard.fleet import RedisFleet
     from poolguard.observe.alerts import Alerter
@@ -292,12 +298,15 @@ def guard_worker(
     every: float,
     out: Any,
     ctl: Any,
+    threads: int = 1,
 ) -> None:
-    """A child process: ``PoolGuard(engine, fleet=RedisFleet(...))`` running ``sql`` every
-    ``every`` seconds for ``duration`` s, each outcome stamped with ``time.time()`` (one host,
-    one clock). ``ctl`` takes ("release", sql) and ("stop",). Puts {"ready": True} once the
-    guard joined, then the result: events, ``stats()["fleet"]`` and the leak check."""
+    """A child process: ``PoolGuard(engine, fleet=RedisFleet(...))`` with ``threads``
+    threads running ``sql`` every ``every`` seconds for ``duration`` s, each outcome stamped
+    with ``time.time()`` (one host, one clock). ``ctl`` takes ("release", sql) and
+    ("stop",). Puts {"ready": True} once the guard joined, then the result: events,
+    ``stats()["fleet"]``, the largest capacity its gate had while degraded, the leak check."""
     import queue as q
+    import threading as th
 
     import sqlalchemy as sa
 
@@ -309,35 +318,127 @@ def guard_worker(
     out.put({"ready": True})
     events: list[tuple[float, str]] = []
     stop = time.monotonic() + duration
+    halt = th.Event()
+    worst = [0, 0]  # the largest capacity while degraded, and the base share then
+
+    def loop() -> None:
+        while time.monotonic() < stop and not halt.is_set():
+            t0 = time.time()
+            try:
+                with engine.connect() as c:
+                    c.execute(sa.text(sql))
+                kind = "ok"
+            except QueryQuarantined:
+                kind = "quarantined"
+            except QueryTimeout:
+                kind = "timeout"
+            except PoolSaturated:
+                kind = "saturated"
+            except Exception as e:
+                kind = f"error:{type(e).__name__}"
+            events.append((t0, kind))
+            halt.wait(max(0.0, min(every, stop - time.monotonic())))
+
+    ts = [th.Thread(target=loop) for _ in range(threads)]
+    for t in ts:
+        t.start()
     while time.monotonic() < stop:
         try:
-            cmd = ctl.get_nowait()
+            cmd = ctl.get(timeout=0.01)
         except q.Empty:
             cmd = None
-        if cmd is not None:
-            if cmd[0] == "stop":
-                break
-            if cmd[0] == "release":
-                guard.release(cmd[1])
-                events.append((time.time(), "released"))
-        t0 = time.time()
-        try:
-            with engine.connect() as c:
-                c.execute(sa.text(sql))
-            kind = "ok"
-        except QueryQuarantined:
-            kind = "quarantined"
-        except QueryTimeout:
-            kind = "timeout"
-        except PoolSaturated:
-            kind = "saturated"
-        except Exception as e:
-            kind = f"error:{type(e).__name__}"
-        events.append((t0, kind))
-        time.sleep(max(0.0, min(every, stop - time.monotonic())))
+        snap = guard.stats()["fleet"]
+        if snap["mode"] == "degraded" and snap["capacity"] > worst[0]:
+            worst[:] = [snap["capacity"], snap["share"]]
+        if cmd is None:
+            continue
+        if cmd[0] == "stop":
+            break
+        if cmd[0] == "release":
+            guard.release(cmd[1])
+            events.append((time.time(), "released"))
+    halt.set()
+    for t in ts:
+        t.join()
     fleet = guard.stats()["fleet"]
     g = guard.gate.snapshot()
     leak = {"held": g.held, "waiting": g.waiting, "checkedout": engine.pool.checkedout()}
     guard.close()
     engine.dispose()
-    out.put({"events": events, "fleet": fleet, "leak": leak})
+    out.put(
+        {
+            "events": sorted(events),
+            "fleet": fleet,
+            "degraded_capacity": worst,
+            "leak": leak,
+        }
+    )
+
+
+def cancel_worker(
+    url: str, name: str, fleet_kw: dict[str, Any], pool: int, n: int, members: int, out: Any
+) -> None:
+    """A child process: ``n`` asyncio checkouts against a full gate (borrowing first, as the
+    guard does), each cancelled after a random 0-5 ms, in the borrow's round trip or in the
+    gate's queue. Reports the gate and the member after everything settled."""
+    import asyncio
+    import random
+
+    from poolguard.fleet import RedisFleet
+    from poolguard.observe.alerts import Alerter
+    from poolguard.policy.gate import Gate
+    from poolguard.policy.quarantine import Quarantine
+
+    gate = Gate(pool)
+    member = RedisFleet(url, name=name, **fleet_kw).join(
+        gate=gate, quarantine=Quarantine(), alerts=Alerter(), pool_capacity=pool
+    )
+    rnd = random.Random(os.getpid())
+    # Start together: both members in, each at its base share.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        snap = member.snapshot()
+        if snap["members"] >= members and gate.capacity == snap["share"]:
+            break
+        time.sleep(0.02)
+
+    async def one() -> None:
+        if await member.borrow_async():
+            t = gate.try_acquire("default", 1)
+            if t is not None:
+                gate.release(t)
+                return
+        t = await gate.acquire_async("default", 1, 5.0)
+        if t is not None:
+            try:
+                await asyncio.sleep(0.001)
+            finally:
+                gate.release(t)
+
+    async def main() -> dict[str, Any]:
+        holders = [gate.try_acquire("default", 1) for _ in range(gate.capacity)]
+        loop = asyncio.get_running_loop()
+        tasks = []
+        for i in range(n):
+            task = asyncio.ensure_future(one())
+            loop.call_later(rnd.uniform(0, 0.005), task.cancel)
+            tasks.append(task)
+            if i % 20 == 0:
+                await asyncio.sleep(0.001)
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for h in holders:
+            if h is not None:
+                gate.release(h)
+        cancelled = sum(isinstance(r, asyncio.CancelledError) for r in results)
+        errors = [type(r).__name__ for r in results if isinstance(r, Exception)]
+        return {"cancelled": cancelled, "errors": errors}
+
+    r = asyncio.run(main())
+    # Idle now: within a heartbeat or two the member holds its base share and nothing more.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and member.snapshot()["borrowed"]:
+        time.sleep(0.05)
+    snap = member.snapshot()
+    g = gate.snapshot()
+    member.close()
+    out.put({**r, "held": g.held, "waiting": g.waiting, "fleet": snap})

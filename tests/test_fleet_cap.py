@@ -18,6 +18,7 @@ import pytest
 from fleet_support import (
     HoldCounter,
     RedisServer,
+    cancel_worker,
     fleet_keys,
     gate_worker,
     live_leases,
@@ -162,3 +163,48 @@ def _count_commands(server: RedisServer) -> int:
         return sum(int(v["calls"]) for k, v in c.info("commandstats").items() if "evalsha" in k)
     finally:
         c.close()
+
+
+def test_a_thousand_cancelled_acquires_leak_nothing(redis_server: RedisServer) -> None:
+    # Two members with pools of 4 share 7: base shares of 3, one lease to borrow in turn.
+    kw = {"max_connections": 7, **FAST}
+    out = queue()
+    procs = [spawn(cancel_worker, redis_server.url, "cancel", kw, 4, 500, 2, out) for _ in range(2)]
+    results = [out.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+    for r in results:
+        assert r["errors"] == []
+        assert r["cancelled"] > 100, r  # most were cancelled, in a borrow or in the queue
+        assert r["held"] == 0 and r["waiting"] == 0, r
+        assert r["fleet"]["borrowed"] == 0, r["fleet"]  # borrowed leases went back
+        assert r["fleet"]["leases"] <= r["fleet"]["share"], r["fleet"]
+        assert r["fleet"]["borrows"]["granted"] + r["fleet"]["borrows"]["refused"] > 0
+    assert fleet_keys(redis_server, "cancel")["leases"] == {}
+
+
+def test_clock_skew_between_members_changes_nothing(redis_server: RedisServer) -> None:
+    # Wall clocks an hour apart either way: leases are timed by Redis's clock alone.
+    cap, pool = 5, 4
+    kw = {"max_connections": cap, **FAST}
+    out = queue()
+    procs = {
+        who: spawn(gate_worker, redis_server.url, "skew", who, kw, pool, 3, 5.0, 0.02, out, skew)
+        for who, skew in (("ahead", 3600.0), ("behind", -3600.0), ("on_time", 0.0))
+    }
+    counter = HoldCounter(redis_server.url, "skew")
+    assert wait_for(lambda: counter.peak() > 0, 30)
+    time.sleep(1.0)
+    os.kill(procs["ahead"].pid, signal.SIGKILL)
+    procs["ahead"].join(10)
+    counter.drop("ahead")
+    killed = time.monotonic()
+    assert wait_for(lambda: len(live_leases(redis_server, "skew")) == 2, 30)
+    assert time.monotonic() - killed < FAST["lease_ttl"] + FAST["heartbeat"] + 3.0
+    results = [out.get(timeout=60) for _ in range(2)]
+    for p in procs.values():
+        p.join(30)
+    assert counter.peak() <= cap
+    for r in results:
+        assert r["acquired"] > 0 and r["held"] == 0 and r["waiting"] == 0, r
+    assert live_leases(redis_server, "skew") == {}

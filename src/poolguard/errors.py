@@ -221,7 +221,12 @@ class BudgetExceeded(PoolGuardError):
             _rebuild,
             (
                 BudgetExceeded,
-                {"limit": self.limit, "used": self.used, "allowed": self.allowed},
+                {
+                    "limit": self.limit,
+                    "used": self.used,
+                    "allowed": self.allowed,
+                    "partition": self.partition,
+                },
             ),
         )
 
@@ -288,6 +293,19 @@ class Shed(PoolGuardError):
 
     def __str__(self) -> str:
         return f"Shed: {self.reason}, retry after {self.retry_after:.1f} s"
+
+    def __reduce__(self) -> Any:  # pragma: no cover
+        return (
+            _rebuild,
+            (
+                Shed,
+                {
+                    "reason": self.reason,
+                    "retry_after": self.retry_after,
+                    "partition": self.partition,
+                },
+            ),
+        )
 
 
 def _rebuild(
