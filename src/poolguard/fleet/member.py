@@ -238,7 +238,9 @@ class RedisMember:
                 in_flight=self._in_flight,
                 pool=self.pool,
             )
-            if want <= g.capacity:
+            # One borrow in flight per member: it asks for every waiter, and the gate hands
+            # what it gets to the queue, so a burst costs Redis one round trip, not one each.
+            if want <= g.capacity or self._in_flight:
                 self.counts["skipped"] += 1
                 return None
             self._in_flight += 1
