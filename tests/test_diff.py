@@ -260,7 +260,7 @@ GOOD = report({T: [fp(USERS, 1)]})
     [
         (None, "no such file"),
         (b"\xff\xfegarbage", "not UTF-8"),
-        (b"{\"version\": 1\x00}", "holds NUL bytes"),
+        (b'{"version": 1\x00}', "holds NUL bytes"),
         (b"{not json", "not valid JSON (line 1, column 2"),
         (b"[]", "expected an object, got list"),
         (b'{"tests": {}}', "not a poolguard report"),
