@@ -43,7 +43,8 @@ class TimeoutConfig:
     statement_timeout: float = 5.0
     checkout_timeout: float = 1.0
     hold_timeout: float = 30.0
-    #: None: no lock wait of poolguard's; "auto" resolves to half the statement time-out.
+    #: None: no lock wait of poolguard's. PoolGuard's ``lock_timeout="auto"`` (its default)
+    #: resolves through :func:`auto_lock_timeout`.
     lock_timeout: float | None = 2.5
     idle_in_transaction_timeout: float | None = None
     pg_timeout_mode: PgMode = "session"
@@ -198,92 +199,24 @@ class GuardConfig:
     alerts: AlertConfig = field(default_factory=AlertConfig)
 
     @classmethod
-    def from_options(
-        cls,
-        *,
-        statement_timeout: float = 5.0,
-        checkout_timeout: float = 1.0,
-        hold_timeout: float = 30.0,
-        reclaim_leaked: bool = False,
-        blame_lock_holders: bool = True,
-        cancel_quarantined: bool = True,
-        capacity: int | None = None,
-        critical_reserve: int | None = None,
-        partition_share: float = 0.5,
-        pg_timeout_mode: PgMode = "session",
-        lock_timeout: float | Literal["auto"] | None = "auto",
-        idle_in_transaction_timeout: float | None = None,
-        quarantine_threshold: int = 3,
-        quarantine_window: float = 60.0,
-        quarantine_cooldown: float = 30.0,
-        quarantine_allow: Iterable[str] = (),
-        shed_target: float = 0.005,
-        shed_interval: float = 0.1,
-        trace_statements: TraceMode = "all",
-        slow_statement_threshold: float = 0.1,
-        on_alert: Callable[[Alert], None] | None = None,
-        alert_debounce: float = 60.0,
-        pool_name: str | None = None,
-        max_fingerprints: int = 1000,
-        operation_metrics: bool = False,
-        exception_events: bool = True,
-        meter_provider: MeterProvider | None = None,
-        tracer_provider: TracerProvider | None = None,
-    ) -> GuardConfig:
-        """The keyword options of :class:`~poolguard.PoolGuard`, by section."""
-        v.seconds("statement_timeout", statement_timeout)
-        if lock_timeout == "auto":
-            # Shorter than the statement time-out, so a request stuck behind another's lock
-            # fails as a lock wait (never quarantined) while the lock holder's own statement
-            # is the one that hits statement_timeout and gets quarantined.
-            lock_timeout = float(statement_timeout) / 2
-        if isinstance(quarantine_allow, (str, bytes)):
-            raise TypeError(
-                "quarantine_allow must be an iterable of fingerprints or SQL, not a str"
-            )
-        try:
-            allow = tuple(quarantine_allow)
-        except TypeError:
-            raise TypeError(
-                "quarantine_allow must be an iterable of fingerprint ids or SQL strings, got "
-                f"{type(quarantine_allow).__name__}"
-            ) from None
-        return cls(
-            timeouts=TimeoutConfig(
-                statement_timeout=statement_timeout,
-                checkout_timeout=checkout_timeout,
-                hold_timeout=hold_timeout,
-                lock_timeout=lock_timeout,
-                idle_in_transaction_timeout=idle_in_transaction_timeout,
-                pg_timeout_mode=pg_timeout_mode,
-                reclaim_leaked=reclaim_leaked,
-            ),
-            gate=GateConfig(
-                capacity=capacity,
-                critical_reserve=critical_reserve,
-                partition_share=partition_share,
-            ),
-            quarantine=QuarantineConfig(
-                threshold=quarantine_threshold,
-                window=quarantine_window,
-                cooldown=quarantine_cooldown,
-                allow=allow,
-                blame_lock_holders=blame_lock_holders,
-                cancel_quarantined=cancel_quarantined,
-            ),
-            shed=ShedConfig(target=shed_target, interval=shed_interval),
-            telemetry=TelemetryConfig(
-                trace_statements=trace_statements,
-                slow_statement_threshold=slow_statement_threshold,
-                pool_name=pool_name,
-                max_fingerprints=max_fingerprints,
-                operation_metrics=operation_metrics,
-                exception_events=exception_events,
-                meter_provider=meter_provider,
-                tracer_provider=tracer_provider,
-            ),
-            alerts=AlertConfig(on_alert=on_alert, debounce=alert_debounce),
-        )
+    def from_options(cls, **options: Any) -> GuardConfig:
+        """The keyword options of :class:`~poolguard.PoolGuard`, by section. Defaults live
+        only on the sections' fields; an unknown option is a ``TypeError`` naming it."""
+        fields: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
+        for name, value in options.items():
+            where = _OPTIONS.get(name)
+            if where is None:
+                raise TypeError(f"PoolGuard() got an unexpected keyword argument {name!r}")
+            fields[where[0]][where[1]] = value
+        t = fields["timeouts"]
+        if t.get("lock_timeout", "auto") == "auto":
+            statement = t.get("statement_timeout", TimeoutConfig.statement_timeout)
+            v.seconds("statement_timeout", statement)
+            t["lock_timeout"] = auto_lock_timeout(float(statement))
+        q = fields["quarantine"]
+        if "allow" in q:
+            q["allow"] = _allow_list(q["allow"])
+        return cls(**{section: kind(**fields[section]) for section, kind in _SECTIONS.items()})
 
     def settings(self) -> dict[str, Any]:
         """The JSON-serialisable part, for ``stats()["settings"]``."""
@@ -303,3 +236,73 @@ class GuardConfig:
             "shed_interval": s.interval,
             "trace_statements": self.telemetry.trace_statements,
         }
+
+
+def auto_lock_timeout(statement_timeout: float) -> float:
+    """``lock_timeout="auto"``: shorter than the statement time-out, so a request stuck
+    behind another's lock fails as a lock wait (never quarantined) while the lock holder's
+    own statement is the one that hits statement_timeout and gets quarantined."""
+    return statement_timeout / 2
+
+
+def _allow_list(value: object) -> tuple[str, ...]:
+    if isinstance(value, (str, bytes)):
+        raise TypeError("quarantine_allow must be an iterable of fingerprints or SQL, not a str")
+    try:
+        return tuple(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            "quarantine_allow must be an iterable of fingerprint ids or SQL strings, got "
+            f"{type(value).__name__}"
+        ) from None
+
+
+#: GuardConfig's sections, by field name.
+_SECTIONS: dict[str, Any] = {
+    "timeouts": TimeoutConfig,
+    "gate": GateConfig,
+    "quarantine": QuarantineConfig,
+    "shed": ShedConfig,
+    "telemetry": TelemetryConfig,
+    "alerts": AlertConfig,
+}
+
+#: Each PoolGuard option: (section, field). The user-facing names are the prefixed ones.
+_OPTIONS: dict[str, tuple[str, str]] = {
+    **{
+        n: ("timeouts", n)
+        for n in (
+            "statement_timeout",
+            "checkout_timeout",
+            "hold_timeout",
+            "lock_timeout",
+            "idle_in_transaction_timeout",
+            "pg_timeout_mode",
+            "reclaim_leaked",
+        )
+    },
+    **{n: ("gate", n) for n in ("capacity", "critical_reserve", "partition_share")},
+    "quarantine_threshold": ("quarantine", "threshold"),
+    "quarantine_window": ("quarantine", "window"),
+    "quarantine_cooldown": ("quarantine", "cooldown"),
+    "quarantine_allow": ("quarantine", "allow"),
+    "blame_lock_holders": ("quarantine", "blame_lock_holders"),
+    "cancel_quarantined": ("quarantine", "cancel_quarantined"),
+    "shed_target": ("shed", "target"),
+    "shed_interval": ("shed", "interval"),
+    **{
+        n: ("telemetry", n)
+        for n in (
+            "trace_statements",
+            "slow_statement_threshold",
+            "pool_name",
+            "max_fingerprints",
+            "operation_metrics",
+            "exception_events",
+            "meter_provider",
+            "tracer_provider",
+        )
+    },
+    "on_alert": ("alerts", "on_alert"),
+    "alert_debounce": ("alerts", "debounce"),
+}
