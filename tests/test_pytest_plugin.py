@@ -416,7 +416,10 @@ def test_report_is_written_well_formed_and_without_literals(
     for test in raw["tests"].values():
         for fid, fp in test["fingerprints"].items():
             assert re.fullmatch("[0-9a-f]{16}", fid)
-            assert set(fp) == {"summary", "normalized", "count", "total_time"}
+            assert set(fp) == {"summary", "normalized", "count", "total_time", "histogram"}
+            # one bucket per execution-time range, every execution counted once
+            assert sum(n for _, n in fp["histogram"]) == fp["count"]
+            assert all(isinstance(upper, float) and upper > 0 for upper, _ in fp["histogram"])
 
 
 def test_report_feeds_poolguard_diff(

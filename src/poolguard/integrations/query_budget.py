@@ -19,6 +19,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from poolguard.observe.fingerprint import Fingerprint, fingerprinter_for
+from poolguard.observe.stats import bucket_of, bucket_upper
 
 __all__ = [
     "MARKER",
@@ -192,7 +193,7 @@ class QueryRecorder:
     def fingerprints(self) -> Mapping[str, FingerprintStats]:
         """A snapshot: fingerprint id -> (summary, normalized, count, total_time)."""
         with self._lock:
-            snap = {fid: FingerprintStats(*v) for fid, v in self._fps.items()}
+            snap = {fid: FingerprintStats(*v[:4]) for fid, v in self._fps.items()}
         return MappingProxyType(snap)
 
     def __repr__(self) -> str:
@@ -245,7 +246,7 @@ class QueryRecorder:
             self._statements += 1
             entry = self._fps.get(fp.id)
             if entry is None:
-                self._fps[fp.id] = [fp.summary, fp.normalized, 1, 0.0]
+                self._fps[fp.id] = [fp.summary, fp.normalized, 1, 0.0, {}]
             else:
                 entry[2] += 1
 
@@ -255,8 +256,13 @@ class QueryRecorder:
             if entry is not None:  # None: started before this recorder was
                 entry[3] += elapsed
                 self._db_time += elapsed
+                hist = entry[4]
+                b = bucket_of(elapsed)
+                hist[b] = hist.get(b, 0) + 1
 
     def _as_report(self) -> dict[str, Any]:
+        with self._lock:
+            hists = {fid: sorted(v[4].items()) for fid, v in self._fps.items()}
         return {
             "statements": self.statements,
             "db_time": round(self.db_time, 6),
@@ -266,6 +272,9 @@ class QueryRecorder:
                     "normalized": s.normalized,
                     "count": s.count,
                     "total_time": round(s.total_time, 6),
+                    # Each execution's time, by bucket: what lets `poolguard diff` test
+                    # per-execution times rather than a mean one stall can move.
+                    "histogram": [[bucket_upper(b), n] for b, n in hists.get(fid, [])],
                 }
                 for fid, s in sorted(self.fingerprints.items())
             },

@@ -55,6 +55,17 @@ _UPPER: tuple[float, ...] = (
 )
 _log2 = math.log2
 _ceil = math.ceil
+
+
+def bucket_of(seconds: float) -> int:
+    """The histogram bucket of a duration (the pytest plugin's reports use the same ones)."""
+    return _bucket(seconds)
+
+
+def bucket_upper(bucket: int) -> float:
+    """A bucket's upper bound in seconds, rounded to the microsecond's thousandth; the
+    overflow bucket reports the last finite bound (JSON has no infinity)."""
+    return round(_UPPER[min(bucket, _OVERFLOW_BUCKET - 1)], 9)
 #: Queue length at which a recorder folds the queue into the rows.
 _FOLD_AT = 256
 _OK, _ERROR, _TIMEOUT, _REFUSAL, _HOLD = range(5)
