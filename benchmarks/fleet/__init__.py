@@ -1,0 +1,1 @@
+"""Fleet mode benchmarks: the per-checkout cost, and the outage replay at fleet scale."""
