@@ -68,6 +68,8 @@ class StatementPath:
     def _on_do_execute(
         self, cursor: DBAPICursor, statement: str, parameters: Any, context: ExecutionContext
     ) -> bool:
+        if context is None:  # SQLAlchemy's own statements outside any execution
+            return False
         later = context.dialect.dispatch.do_execute.listeners
         run = _execute if later[-1] is self.on_do_execute else self._chained("do_execute")
         return self.run(cursor, statement, parameters, context, run)
@@ -75,6 +77,8 @@ class StatementPath:
     def _on_do_executemany(
         self, cursor: DBAPICursor, statement: str, parameters: Any, context: ExecutionContext
     ) -> bool:
+        if context is None:  # SQLAlchemy's own statements outside any execution
+            return False
         later = context.dialect.dispatch.do_executemany.listeners
         last = later[-1] is self.on_do_executemany
         return self.run(
@@ -88,6 +92,8 @@ class StatementPath:
     def _on_do_execute_no_params(
         self, cursor: DBAPICursor, statement: str, context: ExecutionContext
     ) -> bool:
+        if context is None:  # SQLAlchemy's own statements outside any execution
+            return False
         later = context.dialect.dispatch.do_execute_no_params.listeners
         last = later[-1] is self.on_do_execute_no_params
         return self.run(
