@@ -246,6 +246,18 @@ def test_explicit_lock_timeout_replaces_a_configured_busy_timeout(
     assert _busy_timeout(engine) == 1000
 
 
+def test_explicit_lock_timeout_at_half_the_statement_time_out_is_still_explicit(
+    make_guard: MakeGuard, sqlite_file_url: str
+) -> None:
+    """The value "auto" would give, chosen on purpose, is the user's choice too (before, the
+    enforcer guessed from the value and kept the connection's 0.3 s)."""
+    engine = sa.create_engine(
+        sqlite_file_url, poolclass=sa.QueuePool, connect_args={"timeout": 0.3}
+    )
+    make_guard(engine, statement_timeout=5.0, lock_timeout=2.5)
+    assert _busy_timeout(engine) == 2500
+
+
 def test_lock_timeout_none_leaves_the_busy_timeout_alone(
     make_guard: MakeGuard, sqlite_file_url: str
 ) -> None:

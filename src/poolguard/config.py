@@ -49,6 +49,9 @@ class TimeoutConfig:
     idle_in_transaction_timeout: float | None = None
     pg_timeout_mode: PgMode = "session"
     reclaim_leaked: bool = False
+    #: The user chose ``lock_timeout`` (not "auto"): on SQLite it then also replaces a busy
+    #: timeout configured on the connection.
+    lock_timeout_explicit: bool = False
 
     def __post_init__(self) -> None:
         v.seconds("statement_timeout", self.statement_timeout)
@@ -209,7 +212,8 @@ class GuardConfig:
                 raise TypeError(f"PoolGuard() got an unexpected keyword argument {name!r}")
             fields[where[0]][where[1]] = value
         t = fields["timeouts"]
-        if t.get("lock_timeout", "auto") == "auto":
+        t["lock_timeout_explicit"] = t.get("lock_timeout", "auto") != "auto"
+        if not t["lock_timeout_explicit"]:
             statement = t.get("statement_timeout", TimeoutConfig.statement_timeout)
             v.seconds("statement_timeout", statement)
             t["lock_timeout"] = auto_lock_timeout(float(statement))

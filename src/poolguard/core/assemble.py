@@ -38,6 +38,7 @@ def build_parts(
         engine.dialect,
         pg_mode=t.pg_timeout_mode,
         lock_timeout=t.lock_timeout,
+        lock_timeout_explicit=t.lock_timeout_explicit,
         idle_in_transaction_timeout=t.idle_in_transaction_timeout,
     )
     name = tc.pool_name or default_pool_name(engine)

@@ -15,6 +15,7 @@ def enforcer_for(
     *,
     pg_mode: str,
     lock_timeout: float | None,
+    lock_timeout_explicit: bool,
     idle_in_transaction_timeout: float | None,
 ) -> Enforcer:
     name = dialect.name
@@ -33,7 +34,7 @@ def enforcer_for(
     if name == "sqlite":
         from poolguard.dialects.sqlite import SQLiteEnforcer
 
-        return SQLiteEnforcer(lock_timeout=lock_timeout)
+        return SQLiteEnforcer(lock_timeout=lock_timeout, replace_busy_timeout=lock_timeout_explicit)
     from poolguard.dialects.base import ClientSideOnly
 
     return ClientSideOnly(name)

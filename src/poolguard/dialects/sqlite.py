@@ -90,11 +90,10 @@ class SQLiteEnforcer(Enforcer):
     tracks_transactions = True
 
     def __init__(
-        self, *, lock_timeout: float | None = None, replace_busy_timeout: bool | None = None
+        self, *, lock_timeout: float | None = None, replace_busy_timeout: bool = False
     ) -> None:
         """``replace_busy_timeout``: True when the user gave ``lock_timeout`` explicitly;
-        it then replaces a busy timeout configured on the connection too. None: inferred,
-        ``lock_timeout`` at exactly half the statement time-out being taken for ``"auto"``."""
+        it then replaces a busy timeout configured on the connection too."""
         self.lock_timeout = lock_timeout
         self._lock_ms = None if lock_timeout is None else min(ms(lock_timeout), _MAX_BUSY_MS)
         self.replace_busy_timeout = replace_busy_timeout
@@ -122,8 +121,6 @@ class SQLiteEnforcer(Enforcer):
             cell.configured_ms = _read_busy_timeout(raw)
         configured = cell.configured_ms
         replace = self.replace_busy_timeout
-        if replace is None:
-            replace = default_timeout is None or self.lock_timeout != default_timeout / 2
         if not replace and configured is not None and configured != _DRIVER_DEFAULT_BUSY_MS:
             # Configured on purpose (connect_args, a creator): it stays the lock wait.
             cell.lock_ms = cell.busy_ms = configured
@@ -158,10 +155,8 @@ class SQLiteEnforcer(Enforcer):
         statement: str,
         timeout: float | None,
         context: ExecutionContext,
-        info: dict[Any, Any] | None = None,
+        info: dict[Any, Any],
     ) -> str:
-        if info is None:  # callers that predate the connection's own state dict
-            info = context._dbapi_connection.info  # type: ignore[attr-defined]
         cell = info.get(_CELL_KEY)
         if cell is not None:
             cell.at = None if timeout is None else time.monotonic() + timeout
