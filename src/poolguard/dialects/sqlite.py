@@ -120,8 +120,12 @@ class SQLiteEnforcer(Enforcer):
         if cell.configured_ms is None:
             cell.configured_ms = _read_busy_timeout(raw)
         configured = cell.configured_ms
+        if configured is None:
+            # It answers no PRAGMA (a test double, a wrapper without cursors): there is no
+            # busy timeout to set either, and failing the checkout would fail the app.
+            return
         replace = self.replace_busy_timeout
-        if not replace and configured is not None and configured != _DRIVER_DEFAULT_BUSY_MS:
+        if not replace and configured != _DRIVER_DEFAULT_BUSY_MS:
             # Configured on purpose (connect_args, a creator): it stays the lock wait.
             cell.lock_ms = cell.busy_ms = configured
             if configured != self._reported_ms:
