@@ -49,7 +49,15 @@ class InFlight:
     use what is free: there is nobody to be fair to.
     """
 
-    __slots__ = ("_lock", "by_partition", "ceilings", "count", "limit", "partition_cap")
+    __slots__ = (
+        "_lock",
+        "by_partition",
+        "ceilings",
+        "count",
+        "limit",
+        "partition_cap",
+        "shed_until",
+    )
 
     def __init__(self, limit: int, partition_cap: int) -> None:
         self.limit = limit
@@ -61,6 +69,9 @@ class InFlight:
         self.partition_cap = max(1, partition_cap)
         self.count = 0
         self.by_partition: dict[str, int] = {}
+        #: Partitions whose queue CoDel found standing, until when (monotonic seconds).
+        #: Partitions are route templates (bounded by the app's routes) or "_OTHER".
+        self.shed_until: dict[str, float] = {}
         # One guard may serve several event loops (servers in threads): a lock held for an
         # increment costs ~0.1 us uncontended.
         self._lock = threading.Lock()
@@ -80,6 +91,13 @@ class InFlight:
             self.count = count + 1
             self.by_partition[partition] = mine + 1
             return True
+
+    def shed(self, partition: str, until: float) -> None:
+        """CoDel refused ``partition`` for queue delay: its queue stands until ``until``."""
+        self.shed_until[partition] = until
+
+    def recently_shed(self, partition: str, now: float) -> bool:
+        return self.shed_until.get(partition, 0.0) > now
 
     def of(self, partition: str) -> int:
         """Requests of ``partition`` in flight (a plain read)."""
