@@ -117,4 +117,85 @@ def test_demo_unavailable_is_one_line(
     monkeypatch.setitem(sys.modules, "poolguard.tools.demo", None)  # import fails
     assert main(["demo", "--help"]) == 2
     captured = capsys.readouterr()
-    assert captured.err == "poolguard demo: not available in this installation\n"
+    assert captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("poolguard demo: cannot start: poolguard.tools.demo ")
+    assert "not available in this installation" not in captured.err
+    assert "pip install" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("missing", "error", "expected"),
+    [
+        # SQLAlchemy's own error for a missing greenlet names no module: recognised by its text.
+        (
+            None,
+            ImportError(
+                "The SQLAlchemy asyncio module requires that the Python 'greenlet' "
+                "library is installed."
+            ),
+            "greenlet is not installed: pip install 'poolguard[asyncio]'",
+        ),
+        ("redis", None, "redis is not installed: pip install 'poolguard[redis]'"),
+        ("psycopg", None, "psycopg is not installed: pip install 'poolguard[postgresql]'"),
+    ],
+)
+def test_a_missing_dependency_of_the_demo_names_package_and_extra(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    missing: str | None,
+    error: ImportError | None,
+    expected: str,
+) -> None:
+    import importlib
+
+    real = importlib.import_module
+
+    def failing(name: str, package: str | None = None) -> types.ModuleType:
+        if name == ".demo":
+            raise (
+                error
+                if error is not None
+                else ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+            )
+        return real(name, package)
+
+    monkeypatch.setattr(importlib, "import_module", failing)
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err == f"poolguard demo: cannot start: {expected}\n"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "postgresql+asyncpg://u:pw@127.0.0.1:1/db",
+            "the postgresql+asyncpg driver needs asyncpg and greenlet, which are not installed: "
+            "pip install 'poolguard[asyncpg]'",
+        ),
+        (
+            "mysql+pymysql://u:pw@127.0.0.1:1/db",
+            "the mysql+pymysql driver needs pymysql, which is not installed: "
+            "pip install 'poolguard[mysql]'",
+        ),
+    ],
+)
+def test_check_names_the_missing_driver_and_its_extra(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], url: str, expected: str
+) -> None:
+    """On a core install the drivers are missing: `poolguard check` says which extra brings
+    them (simulated here by hiding the modules)."""
+    for module in ("asyncpg", "greenlet", "pymysql"):
+        monkeypatch.setitem(sys.modules, module, None)
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "greenlet" else real_find_spec(name, *a),
+    )
+    args = ["check", "--database-url", url, "--workers", "1", "--replicas", "1"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"poolguard check: {expected}\n"
+    assert "pw" not in captured.err

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module (check.py, diff.py, demo.py) and is imported only when it
 runs, so ``poolguard --help`` stays fast and a missing optional dependency of one subcommand
-cannot break the others. Errors are one line on stderr with a non-zero exit status, never a
+cannot break the others; a missing one is named with the package and the extra that bring it
+(:mod:`poolguard.extras`). Errors are one line on stderr with a non-zero exit status, never a
 traceback: these commands run in CI and deploy pipelines, where a traceback buries the cause
 (and could carry a database URL).
 """
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
+
+from poolguard.extras import describe_import_error, driver_problem
 
 __all__ = ["main"]
 
@@ -68,17 +72,28 @@ def _build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argumen
 
 
 def _run_demo(argv: list[str]) -> int:
-    # Imported by name at call time (the same as `from .demo import main`): the demo pulls in
-    # web-server dependencies the other commands do not need, and mypy stays clean whether or
-    # not the module is part of this installation.
+    # Imported by name at call time (the same as `from .demo import main`): the demo's module
+    # loads Starlette and the middleware, which the other commands do not need. It runs on
+    # the core installation; should anything it imports be missing, the line names the
+    # package and the extra (never "not available in this installation").
     try:
         demo = importlib.import_module(".demo", __package__)
     except ImportError as e:
-        missing = f" ({e.name} is missing)" if e.name and e.name != "poolguard.tools.demo" else ""
-        print(f"poolguard demo: not available in this installation{missing}", file=sys.stderr)
+        print(f"poolguard demo: cannot start: {describe_import_error(e)}", file=sys.stderr)
         return 2
     demo_main: Callable[[list[str]], int] = demo.main
     return int(demo_main(argv))
+
+
+def _check_driver(args: argparse.Namespace) -> str | None:
+    """A missing driver for ``poolguard check``'s URL, named with the extra that brings it
+    (the check itself would only say that its module is missing)."""
+    url = (
+        args.database_url
+        or os.environ.get("POOLGUARD_DATABASE_URL")
+        or os.environ.get("DATABASE_URL")
+    )
+    return driver_problem(url) if url else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         from poolguard.tools import check
 
+        problem = _check_driver(args)
+        if problem is not None:
+            print(f"poolguard check: {problem}", file=sys.stderr)
+            return 2
         return check.run(args)
     from poolguard.tools import diff
 
