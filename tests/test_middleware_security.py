@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +30,8 @@ from starlette.routing import Mount, Route
 
 from poolguard import PoolGuardMiddleware
 from poolguard.core.budget import current_scope
-from poolguard.integrations.asgi.middleware import RouteRule, _header_deadline
+from poolguard.integrations.asgi.middleware import RouteRule
+from poolguard.integrations.asgi.wire import header_deadline as _header_deadline
 
 MakeGuard = Callable[..., Any]
 Calls = list[tuple[str, dict[str, Any]]]
@@ -374,3 +376,57 @@ async def test_refusals_reveal_no_sql_parameters_or_internals(
     assert set(doc) <= {"type", "title", "status", "detail", "retry_after"}
     for leak in ("s3cr3t", "literal-in-sql", "sqlite_master", "Traceback", "poolguard/", ".py"):
         assert leak not in r.text
+
+
+@pytest.mark.postgresql
+async def test_an_error_after_a_hang_up_is_logged_without_the_drivers_text(
+    make_guard: MakeGuard, pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A handler that fails after its client went away is logged at DEBUG by the class of
+    its error only: a driver's message can quote the data (issue #10, item 12), as a
+    PostgreSQL unique violation's ``DETAIL: Key (email)=(...) already exists`` does."""
+    engine = sa.create_engine(pg_url, pool_size=1, max_overflow=0)
+    guard = make_guard(engine)
+    secret = "alice.hangup@example.com"
+    with engine.begin() as c:
+        c.execute(sa.text("drop table if exists mw_hangup_users"))
+        c.execute(sa.text("create table mw_hangup_users (email text primary key)"))
+        c.execute(sa.text("insert into mw_hangup_users values (:e)"), {"e": secret})
+    started = asyncio.Event()
+
+    async def signup(request: Request) -> Response:
+        started.set()
+        try:
+            await asyncio.sleep(10)  # the client hangs up meanwhile: this is cancelled
+        except asyncio.CancelledError:
+            # Clean-up that fails on the database, as a real one can.
+            with engine.begin() as c:
+                c.execute(sa.text("insert into mw_hangup_users values (:e)"), {"e": secret})
+        return Response("unreachable")  # pragma: no cover
+
+    app = Starlette(routes=[Route("/signup", signup, methods=["POST"])])
+    app.add_middleware(PoolGuardMiddleware, guard=guard)
+
+    async def receive() -> dict[str, Any]:
+        if not started.is_set():
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await started.wait()
+        await asyncio.sleep(0.05)
+        return {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)  # pragma: no cover (nobody is left to answer)
+
+    try:
+        with caplog.at_level(logging.DEBUG, logger="poolguard"):
+            await asyncio.wait_for(app(raw_scope("/signup", "POST"), receive, send), 10)
+    finally:
+        with engine.begin() as c:
+            c.execute(sa.text("drop table mw_hangup_users"))
+    assert sent == []
+    (line,) = [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()]
+    assert line == "handler ended with IntegrityError after its client disconnected"
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert secret not in logged and "DETAIL" not in logged and "Key (" not in logged

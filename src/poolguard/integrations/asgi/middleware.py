@@ -89,9 +89,6 @@ SHED_MEMORY_INTERVALS = 10
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
-# Kept for ``tests``/users that imported it from here before the split.
-_header_deadline = header_deadline
-
 
 class PoolGuardMiddleware:
     """Gives every HTTP request a budget scope, refuses excess work before it is dispatched,
