@@ -8,15 +8,16 @@ default pool of 5 + 10, psycopg 3, one uvicorn worker in a subprocess). Three of
 requests read a row by primary key, one in four updates a row (never the same row twice in
 a row, never the replay's hot row).
 
-For each client count (16, 30 and 60 by default) and each run, the two modes (``defaults``:
-plain SQLAlchemy; ``poolguard``: ``PoolGuard(engine)`` and the middleware, no arguments)
-run one after the other, in alternating order, on fresh servers: the goodput ratio of a
-run is poolguard's successful requests/s over the plain app's in that same run, and the
-figures reported are medians over the runs. Refusals are every answer that is not 200 in
-poolguard mode (any at all is a failure), cross-checked against ``stats()["refusals"]``.
+Both apps are served at once, in two processes; for each client count the load alternates
+between them in slices (2 s measured each, after 0.5 s of warm-up), in ABBA order, so that
+the machine's drifting load weighs on both alike. A pair's goodput ratio is poolguard's
+successful requests/s over the plain app's; the figures reported are medians over the pairs
+(9 per client count by default). Refusals are every answer that is not 200 in poolguard
+mode, warm-ups included (any at all is a failure), cross-checked against
+``stats()["refusals"]``.
 
-    python benchmarks/bench_closed_loop.py     # 3 runs x (16, 30, 60) x 2 modes, ~4 min
-    python benchmarks/bench_closed_loop.py --runs 5 --json benchmarks/results/closed_loop.json
+    python benchmarks/bench_closed_loop.py       # 9 pairs x (16, 30, 60), ~3 min
+    python benchmarks/bench_closed_loop.py --json benchmarks/results/closed_loop.json
     OUTAGE_REPLAY_PROBE=1 python benchmarks/bench_closed_loop.py --runs 1   # + gate samples
 
 Needs PostgreSQL on 127.0.0.1:5432 (``OUTAGE_REPLAY_DB`` names the database, default
@@ -47,7 +48,8 @@ from benchmarks.outage_replay.app import HOT_ID, ROWS  # noqa: E402
 from benchmarks.outage_replay.run import Server, code_version, reset_table  # noqa: E402
 
 MODES = ("defaults", "poolguard")
-WARM_UP = 2.0
+#: Unmeasured seconds before each slice: connections opened, the pool warm.
+WARM_UP = 0.5
 
 
 async def closed_loop(url: str, clients: int, seconds: float) -> dict[str, Any]:
@@ -55,6 +57,7 @@ async def closed_loop(url: str, clients: int, seconds: float) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     limits = httpx.Limits(max_connections=clients + 8, max_keepalive_connections=clients + 8)
     statuses: Counter[str] = Counter()
+    warm_statuses: Counter[str] = Counter()
     ok = 0
     latencies: list[float] = []
     async with httpx.AsyncClient(limits=limits, timeout=10.0) as client:
@@ -81,7 +84,9 @@ async def closed_loop(url: str, clients: int, seconds: float) -> dict[str, Any]:
                 except httpx.HTTPError as e:
                     label = f"error {type(e).__name__}"
                 t1 = loop.time()
-                if measure and t1 <= until:
+                if not measure:
+                    warm_statuses[label] += 1  # not timed, but a refusal is a refusal
+                elif t1 <= until:
                     statuses[label] += 1
                     if label == "200":
                         ok += 1
@@ -98,53 +103,58 @@ async def closed_loop(url: str, clients: int, seconds: float) -> dict[str, Any]:
         "ok": ok,
         "goodput_rps": round(ok / seconds, 1),
         "statuses": dict(statuses),
+        "warm_up_statuses": dict(warm_statuses),
         "p50_ms": round(1000 * statistics.median(latencies), 1) if latencies else None,
         "p99_ms": round(1000 * p99, 1) if p99 is not None else None,
     }
 
 
-def run_cell(mode: str, clients: int, seconds: float, log_dir: Path) -> dict[str, Any]:
-    tag = f"closed_loop_{os.getpid()}_{mode}_{clients}"
-    reset_table()
-    with Server(mode, tag, 0.0, log_dir / f"closed_loop_{mode}_{clients}.log") as srv:
-        cell = asyncio.run(closed_loop(srv.url, clients, seconds))
-        stats = srv.stats() or {}
-    guard = stats.get("guard") or {}
-    cell["refusals_in_stats"] = guard.get("refusals", {})
-    if "probe" in stats:
-        cell["probe"] = stats["probe"]
-    cell["refused"] = sum(n for k, n in cell["statuses"].items() if k != "200")
-    return cell
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", default="16,30,60", help="comma-separated client counts")
-    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per cell")
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=2.0, help="measured seconds per slice")
+    parser.add_argument("--runs", type=int, default=9, help="slice pairs per client count")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--log-dir", type=Path, default=Path("/tmp/closed_loop_logs"))
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.clients.split(",")]
-    if not 1 <= args.runs <= 9 or not 2 <= args.seconds <= 60:
-        parser.error("--runs within [1, 9], --seconds within [2, 60]")
+    if not 1 <= args.runs <= 15 or not 1 <= args.seconds <= 60:
+        parser.error("--runs within [1, 15], --seconds within [1, 60]")
 
+    reset_table()
     runs: list[dict[str, Any]] = []
-    for r in range(args.runs):
-        for n in counts:
-            order = MODES if r % 2 == 0 else MODES[::-1]
-            cells = {m: run_cell(m, n, args.seconds, args.log_dir) for m in order}
-            ratio = cells["poolguard"]["goodput_rps"] / max(cells["defaults"]["goodput_rps"], 1e-9)
-            runs.append({"run": r, "clients": n, "ratio": round(ratio, 3), **cells})
-            pg = cells["poolguard"]
-            print(
-                f"run {r} clients {n}: defaults {cells['defaults']['goodput_rps']} rps, "
-                f"poolguard {pg['goodput_rps']} rps (ratio {ratio:.3f}), poolguard refused "
-                f"{pg['refused']} {pg['statuses']} stats {pg['refusals_in_stats']}"
-                + (f" probe {pg['probe']}" if "probe" in pg else ""),
-                flush=True,
+    tag = f"closed_loop_{os.getpid()}"
+    with contextlib.ExitStack() as stack:
+        servers = {
+            m: stack.enter_context(
+                Server(m, f"{tag}_{m}", 0.0, args.log_dir / f"closed_loop_{m}.log")
             )
-    summary = {}
+            for m in MODES
+        }
+        for n in counts:
+            for r in range(args.runs):
+                # ABBA: the order alternates, so a drift of the machine's load within a
+                # pair weighs on both modes alike.
+                order = MODES if r % 2 == 0 else MODES[::-1]
+                cells = {
+                    m: asyncio.run(closed_loop(servers[m].url, n, args.seconds)) for m in order
+                }
+                for cell in cells.values():
+                    every = Counter(cell["statuses"]) + Counter(cell["warm_up_statuses"])
+                    cell["refused"] = sum(v for k, v in every.items() if k != "200")
+                base = max(cells["defaults"]["goodput_rps"], 1e-9)
+                ratio = cells["poolguard"]["goodput_rps"] / base
+                runs.append({"run": r, "clients": n, "ratio": round(ratio, 3), **cells})
+                pg = cells["poolguard"]
+                print(
+                    f"clients {n} pair {r}: defaults {cells['defaults']['goodput_rps']} rps, "
+                    f"poolguard {pg['goodput_rps']} rps (ratio {ratio:.3f}), refused "
+                    f"{pg['refused']} {pg['statuses']}",
+                    flush=True,
+                )
+        stats = servers["poolguard"].stats() or {}
+    guard = stats.get("guard") or {}
+    summary: dict[str, Any] = {}
     for n in counts:
         mine = [x for x in runs if x["clients"] == n]
         summary[str(n)] = {
@@ -152,16 +162,21 @@ def main(argv: list[str] | None = None) -> int:
             "ratio_min": min(x["ratio"] for x in mine),
             "ratio_max": max(x["ratio"] for x in mine),
             "refused_total": sum(x["poolguard"]["refused"] for x in mine),
+            "poolguard_requests": sum(sum(x["poolguard"]["statuses"].values()) for x in mine),
             "defaults_non_200_total": sum(x["defaults"]["refused"] for x in mine),
             "defaults_rps_median": statistics.median(x["defaults"]["goodput_rps"] for x in mine),
             "poolguard_rps_median": statistics.median(x["poolguard"]["goodput_rps"] for x in mine),
-            "runs": len(mine),
+            "pairs": len(mine),
         }
+    summary["refusals_in_stats"] = guard.get("refusals", {})
+    if "probe" in stats:
+        summary["probe"] = stats["probe"]
     print(json.dumps(summary, indent=1))
     if args.json is not None:
         out = {
             "run_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "seconds": args.seconds,
+            "seconds_per_slice": args.seconds,
+            "load_average": os.getloadavg(),
             "poolguard_version": code_version(),
             "summary": summary,
             "runs": runs,
