@@ -698,6 +698,8 @@ async def test_zero_deadline_header_refuses_the_first_statement_with_504(
             doc = assert_problem(r, 504, "budget-exceeded", retry_after=False)
             assert "deadline" in doc["detail"]
     assert ran == []
+    # Refused at the door, and counted like every other refusal (by kind and route).
+    assert guard.stats()["refusals"] == {"budget": {"GET /r": 20}}
 
 
 # -- errors from handlers -----------------------------------------------------------------------
@@ -1080,6 +1082,10 @@ async def test_inflight_limit_sheds_by_priority_fast_and_counts_once(
     await asyncio.gather(*running)
     assert [ex.body for ex in exchanges] == [b"done"] * 3
     assert len(sheds) == 33
+    # Every in-flight refusal is in stats() too, by route (and in metrics: poolguard.shed).
+    assert guard.stats()["refusals"] == {
+        "inflight": {"GET /bulk": 1, "GET /normal": 31, "GET /pay": 1}
+    }
     assert sheds[:3] == [
         {"reason": "inflight_limit", "priority": "sheddable", "partition": "GET /bulk"},
         {"reason": "inflight_limit", "priority": "normal", "partition": "GET /normal"},
