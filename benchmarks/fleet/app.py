@@ -1,6 +1,6 @@
 """The outage replay's application, as one member of a fleet.
 
-FastAPI with ``def`` endpoints on SQLAlchemy's default pool (5 + 10), guarded by
+FastAPI with ``def`` endpoints on a pool of 15 (3 + 12 overflow), guarded by
 ``PoolGuard(engine, fleet=RedisFleet(...), statement_timeout=1.0, checkout_timeout=0.25)``
 and the middleware. Every connection's ``application_name`` is the run's tag, so the driver
 counts this fleet's server sessions in ``pg_stat_activity``. Serves on 127.0.0.1 and a free
@@ -31,7 +31,11 @@ SLOW_SQL = "select pg_sleep(:seconds)"
 
 
 def build_app(dsn: str, redis_url: str, name: str, cap: int, tag: str) -> FastAPI:
-    engine = sa.create_engine(dsn, connect_args={"application_name": tag})
+    # A pool of 15 (3 kept open while idle, 12 more on demand): the sizing docs/fleet.md
+    # gives for a cap of 20 at up to 6 replicas, so idle sessions stay within the cap too.
+    engine = sa.create_engine(
+        dsn, pool_size=3, max_overflow=12, connect_args={"application_name": tag}
+    )
     fleet = RedisFleet(redis_url, name=name, max_connections=cap)
     guard = PoolGuard(engine, fleet=fleet, statement_timeout=1.0, checkout_timeout=0.25)
     app = FastAPI()

@@ -93,9 +93,11 @@ class Fleet:
             assert p.stdout is not None
             port = json.loads(p.stdout.readline())["port"]
             deadline = time.monotonic() + 20
+            # Ready (as a readiness probe would say) once it answers and holds a lease.
             while time.monotonic() < deadline:
                 try:
-                    if httpx.get(f"http://127.0.0.1:{port}/item/1", timeout=2).status_code == 200:
+                    r = httpx.get(f"http://127.0.0.1:{port}/fleet", timeout=2)
+                    if r.status_code == 200 and r.json()["fleet"]["capacity"] > 0:
                         break
                 except httpx.HTTPError:
                     pass
@@ -229,12 +231,25 @@ def run(name: str, duration: float, db: str) -> dict[str, Any]:
         "healthy_p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 1) if lat else None,
         "rogue_statuses": _count(o.label for o in rogue),
         "rogue_timeouts_before_quarantine": timeouts_before if first_q is not None else None,
+        "timeline": _timeline(healthy, duration),
         "members_at_end": len(stats),
         "strikes_sent": sum(s["fleet"]["quarantine"]["strikes_sent"] for s in stats),
         "remote_opened": sum(s["fleet"]["quarantine"]["remote_opened"] for s in stats),
         "degraded_episodes": sum(s["fleet"]["degraded_episodes"] for s in stats),
         "leases_at_end": [s["fleet"]["leases"] for s in stats],
     }
+
+
+def _timeline(healthy: list[Outcome], duration: float) -> dict[str, list[Any]]:
+    """Per second of intended send time: healthy requests not answered 200, and the worst
+    latency (ms)."""
+    n = int(duration) + 1
+    bad, worst = [0] * n, [0.0] * n
+    for o in healthy:
+        i = min(n - 1, int(o.at))
+        bad[i] += o.status != 200
+        worst[i] = max(worst[i], round(o.latency * 1e3, 1))
+    return {"not_ok": bad, "max_ms": worst}
 
 
 def _count(labels: Any) -> dict[str, int]:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, cast
 from poolguard.fleet import shares
 from poolguard.fleet.metrics import FleetMetrics
 from poolguard.fleet.quarantine_link import QuarantineLink
-from poolguard.fleet.store import Reply, Store, StoreError
+from poolguard.fleet.store import REBALANCE, Reply, Store, StoreError, parse_entry
 from poolguard.observe.alerts import ALERT_KINDS, Alert, Alerter
 
 if TYPE_CHECKING:
@@ -89,6 +89,8 @@ class RedisMember:
         self._in_flight = 0
         self._no_borrow_until = 0.0
         self._stop = threading.Event()
+        self._beat_now = False
+        self._last_call = 0.0
         self.closed = False
         self.known = False  # reached Redis at least once: its base share is known
         self.degraded = False
@@ -325,6 +327,7 @@ class RedisMember:
                 self._applied_seq = 0  # replies from before the outage are stale anyway
             self.link.regain_redis()
         self._apply(reply, keep=plan.keep)
+        self._rebalance(reply)
         if was_degraded:
             self._alert(
                 "fleet_rejoined",
@@ -341,6 +344,21 @@ class RedisMember:
                 self.link.resync()
             except StoreError as e:
                 self._lose(e)
+
+    def _rebalance(self, reply: Reply) -> None:
+        """A member below its base share asks the others to renew now (pub/sub) so that they
+        learn the new fair share at once; each then gives back at its next heartbeat what it
+        holds above it, as its connections come back (giving back faster would refuse its
+        own healthy checkouts behind the slow ones still running). Best effort."""
+        if not reply.applied or self.degraded:
+            return
+        now = time.monotonic()
+        if reply.starving and self.leases < self.base and now - self._last_call > 0.2:
+            self._last_call = now
+            try:
+                self.store.publish_rebalance(self.id)
+            except StoreError:
+                pass
 
     def _apply(self, reply: Reply, *, keep: int) -> None:
         with self._lock:
@@ -407,7 +425,8 @@ class RedisMember:
         next_beat = time.monotonic() + every
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= next_beat:
+            if now >= next_beat or self._beat_now:
+                self._beat_now = False
                 self._heartbeat()
                 next_beat = time.monotonic() + every
             come_back = next_beat
@@ -436,9 +455,15 @@ class RedisMember:
                 continue
             if msg is None or msg.get("type") != "message":
                 continue
-            from poolguard.fleet.store import parse_entry
-
-            e = parse_entry(msg["data"])
+            data = msg["data"]
+            if REBALANCE in data:
+                if self.id not in data:
+                    # A member is below its base share: renew now rather than at the next
+                    # heartbeat, so what others do not need goes back at once.
+                    self._beat_now = True
+                    self._wake_event.set()
+                continue
+            e = parse_entry(data)
             if e is not None and e.origin != self.id:
                 self.link.apply(e)
         if ps is not None:

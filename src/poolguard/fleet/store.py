@@ -25,7 +25,11 @@ from redis.retry import Retry
 
 from poolguard.fleet import scripts
 
-__all__ = ["Entry", "Reply", "Store", "StoreError"]
+__all__ = ["REBALANCE", "Entry", "Reply", "Store", "StoreError"]
+
+#: The pub/sub message a member below its base share sends: "renew now, please".
+REBALANCE = '"kind":"rebalance"'
+
 
 #: What a failed round trip raises: time-outs, refused connections, a Redis that says
 #: "LOADING" or "BUSY", a script error. All mean "Redis cannot help right now".
@@ -140,6 +144,10 @@ class Store:
         script = await self._async_script()
         args = [self.prefix, member, seq, want, 0, _ms(ttl), cap, pool, info, "0"]
         return _reply(seq, await script(keys=self._keys, args=args))
+
+    def publish_rebalance(self, member: str) -> None:
+        msg = json.dumps({"kind": "rebalance", "from": member}, separators=(",", ":"))
+        self.client.publish(self.channel, msg)
 
     def leave(self, member: str) -> int:
         return int(self._run("leave", member))
