@@ -23,6 +23,7 @@ from poolguard.core.checkout import CONNECTING
 from poolguard.core.outcome import Outcome
 from poolguard.errors import BudgetExceeded, QueryQuarantined, QueryTimeout
 from poolguard.observe.fingerprint import Fingerprint
+from poolguard.observe.telemetry import TRACER_PROVIDER
 
 if TYPE_CHECKING:
     from poolguard.core.parts import Parts
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 __all__ = ["StatementPath"]
 
 _Run = Callable[[Any, DBAPICursor, str, Any, ExecutionContext], None]
+
+
+_monotonic = time.monotonic
 
 
 def _execute(dialect: Any, cursor: DBAPICursor, st: str, params: Any, ctx: Any) -> None:
@@ -57,23 +61,22 @@ class StatementPath:
         self.fingerprint = parts.fingerprint
         self.default_timeout = parts.config.timeouts.statement_timeout
         self.baseline = parts.enforcer.session_baseline
+        self.record_success = parts.stats.record_success
+        #: Who runs what is only asked where the server can name sessions (blame, cancel).
+        self.track_running = parts.track_pids
         # Bound once: the listener collections hold these exact objects, which is how the
-        # statement path finds the listeners added after its own.
-        self.on_do_execute = self._on_do_execute
+        # statement path finds the listeners added after its own. ``do_execute``, nearly
+        # every statement, is ``run`` itself: one Python call fewer per statement.
+        self.on_do_execute = self.run
         self.on_do_executemany = self._on_do_executemany
         self.on_do_execute_no_params = self._on_do_execute_no_params
         self._chains: dict[str, _Run] = {}
+        #: The dialect's own ``do_execute`` listeners, looked up once: SQLAlchemy adds and
+        #: removes listeners in that collection in place, and the lookup costs as much as
+        #: the rest of the check.
+        self._later: Any = None
 
     # -- the listeners ------------------------------------------------------------------------
-    def _on_do_execute(
-        self, cursor: DBAPICursor, statement: str, parameters: Any, context: ExecutionContext
-    ) -> bool:
-        if context is None:  # SQLAlchemy's own statements outside any execution
-            return False
-        later = context.dialect.dispatch.do_execute.listeners
-        run = _execute if later[-1] is self.on_do_execute else self._chained("do_execute")
-        return self.run(cursor, statement, parameters, context, run)
-
     def _on_do_executemany(
         self, cursor: DBAPICursor, statement: str, parameters: Any, context: ExecutionContext
     ) -> bool:
@@ -120,13 +123,29 @@ class StatementPath:
         statement: str,
         parameters: Any,
         context: ExecutionContext,
-        execute: _Run,
+        execute: _Run | None = None,
     ) -> bool:
+        """One statement, start to end; ``execute`` runs it. None: this is the
+        ``do_execute`` listener, and the dialect runs it (or the listeners after poolguard's).
+
+        The success path records what every statement needs and nothing else: the clock is
+        read twice (three times when the dialect prepares the statement, SQLite always),
+        telemetry only when an SDK may record (:attr:`Telemetry.live`), and the wall clock
+        only for a span. Failures are described in full by :meth:`_failed`.
+        """
+        if context is None:  # SQLAlchemy's own statements outside any execution
+            return False
         scope = _scope_var.get()
         if scope is CONNECTING:
             return False  # let SQLAlchemy run it as if poolguard were not there
+        if execute is None:
+            later = self._later
+            if later is None:  # the first statement: poolguard's listener is installed
+                later = self._later = context.dialect.dispatch.do_execute.listeners
+            if later[-1] is not self.on_do_execute:
+                execute = self._chained("do_execute")
         fp = self.fingerprint(statement)
-        now = time.monotonic()
+        now = _monotonic()
         q = self.quarantine
         if q.active:
             wait = q.check(fp.id, now)
@@ -153,22 +172,30 @@ class StatementPath:
                 if q.active:
                     q.record_error(fp.id, now)
                 raise
-        if hold is not None:
-            hold.running = fp
-            hold.running_since = now
-        t0 = time.time_ns()
+            t0 = _monotonic()  # what preparing took (a SET on a server) is not the statement's
+        else:
+            t0 = now
+        running = hold is not None and self.track_running
+        if running:
+            hold.running = fp  # type: ignore[union-attr]
+            hold.running_since = now  # type: ignore[union-attr]
         try:
-            execute(context.dialect, cursor, statement, parameters, context)
+            if execute is None:
+                context.dialect.do_execute(cursor, statement, parameters, context)
+            else:
+                execute(context.dialect, cursor, statement, parameters, context)
         except BaseException as err:
+            elapsed = _monotonic() - t0
             cancelled = False
-            if hold is not None:
-                hold.running = None
-                cancelled, hold.cancelled = hold.cancelled, False
-            self._failed(Outcome(fp, t0, time.time_ns(), timeout, scope, err), context, cancelled)
+            if running:
+                hold.running = None  # type: ignore[union-attr]
+                cancelled, hold.cancelled = hold.cancelled, False  # type: ignore[union-attr]
+            end = time.time_ns()
+            o = Outcome(fp, end - round(elapsed * 1e9), end, timeout, scope, err)
+            self._failed(o, context, cancelled)
             raise
-        t1 = time.time_ns()
-        elapsed = (t1 - t0) / 1e9
-        self.stats.record(fp, elapsed)
+        elapsed = _monotonic() - t0
+        self.record_success(fp, elapsed)
         if scope is not None:
             scope.record_statement(elapsed)
         if q.active:
@@ -176,12 +203,23 @@ class StatementPath:
             if t is not None:
                 self.p.on_transition(t)
         if hold is not None:
-            hold.running = None
-            hold.cancelled = False  # a cancel that came too late found nothing to stop
             hold.fp = fp
-        self.telemetry.statement(
-            fp, t0, t1, partition=scope.partition if scope else None, timeout=timeout, error=None
-        )
+            if running:
+                hold.running = None
+                hold.cancelled = False  # a cancel that came too late found nothing to stop
+        tel = self.telemetry
+        if tel.live or (
+            tel.spans_pending and tel.trace_api[TRACER_PROVIDER] is not None and tel.went_live()
+        ):
+            end = time.time_ns()  # spans take wall-clock times
+            tel.statement(
+                fp,
+                end - round(elapsed * 1e9),
+                end,
+                partition=scope.partition if scope else None,
+                timeout=timeout,
+                error=None,
+            )
         return True
 
     def _refuse_quarantined(self, fp: Fingerprint, wait: float, scope: BudgetScope | None) -> None:

@@ -20,10 +20,13 @@ signal that something generates unbounded SQL.
 Why a queue instead of a lock per row: ``record`` runs for every statement, and even an
 uncontended lock plus the histogram arithmetic measured 2.2 us per statement inside a real
 loop. Recorders only append a tuple to a ``collections.deque`` (atomic, about 0.1 us); every
-``_FOLD_AT`` entries, or when a snapshot is taken, one thread folds the queue into the rows
+``_FOLD_AT`` entries, or when a snapshot is taken, one thread folds the queues into the rows
 under the registry lock. Counts stay exact (one folder at a time, nothing dropped), memory
-stays bounded (the queue never grows past ``_FOLD_AT`` plus what lands during one fold), and
-a snapshot always includes everything recorded before it was asked for.
+stays bounded (a queue never grows past ``_FOLD_AT`` plus what lands during one fold), and
+a snapshot always includes everything recorded before it was asked for. Successful
+executions, nearly every entry, have a queue of their own with two-field entries, and their
+fold looks a row up only when the fingerprint changes from the previous entry: together
+under half the instructions per statement of one tagged queue.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import cast
 
+from poolguard import validate
 from poolguard.observe.fingerprint import Fingerprint
 
 __all__ = ["OTHER", "StatsRegistry"]
@@ -68,7 +72,7 @@ def bucket_upper(bucket: int) -> float:
     return round(_UPPER[min(bucket, _OVERFLOW_BUCKET - 1)], 9)
 #: Queue length at which a recorder folds the queue into the rows.
 _FOLD_AT = 256
-_OK, _ERROR, _TIMEOUT, _REFUSAL, _HOLD = range(5)
+_ERROR, _TIMEOUT, _REFUSAL, _HOLD = range(4)
 
 
 def _bucket(seconds: float) -> int:
@@ -100,7 +104,8 @@ def _percentile(buckets: list[int], count: int, q: float, largest: float) -> flo
     return largest
 
 
-def _us(seconds: float) -> float:
+def _rounded_to_us(seconds: float) -> float:
+    """Seconds to the microsecond: a snapshot's durations, without float noise."""
     return round(seconds, 6)
 
 
@@ -150,19 +155,19 @@ class _Row:
             "errors": errors,
             "timeouts": timeouts,
             "refusals": refusals,
-            "total_time": _us(total),
-            "mean": _us(total / count) if count else 0.0,
-            "p50": _us(_percentile(buckets, count, 0.50, largest)),
-            "p95": _us(_percentile(buckets, count, 0.95, largest)),
-            "p99": _us(_percentile(buckets, count, 0.99, largest)),
-            "max": _us(largest),
+            "total_time": _rounded_to_us(total),
+            "mean": _rounded_to_us(total / count) if count else 0.0,
+            "p50": _rounded_to_us(_percentile(buckets, count, 0.50, largest)),
+            "p95": _rounded_to_us(_percentile(buckets, count, 0.95, largest)),
+            "p99": _rounded_to_us(_percentile(buckets, count, 0.99, largest)),
+            "max": _rounded_to_us(largest),
             "hold_count": hold_count,
             "hold_p99": (
-                _us(_percentile(hold_buckets, hold_count, 0.99, hold_max))
+                _rounded_to_us(_percentile(hold_buckets, hold_count, 0.99, hold_max))
                 if hold_buckets is not None
                 else 0.0
             ),
-            "hold_max": _us(hold_max),
+            "hold_max": _rounded_to_us(hold_max),
         }
 
 
@@ -181,14 +186,13 @@ class StatsRegistry:
     """
 
     def __init__(self, max_fingerprints: int = 1000) -> None:
-        if isinstance(max_fingerprints, bool) or not isinstance(max_fingerprints, int):
-            raise TypeError(f"max_fingerprints must be an int, got {max_fingerprints!r}")
-        if max_fingerprints < 1:
-            raise ValueError(f"max_fingerprints must be >= 1, got {max_fingerprints}")
-        self.max_fingerprints = max_fingerprints
+        self.max_fingerprints = validate.count("max_fingerprints", max_fingerprints)
         self._lock = threading.Lock()  # folding, snapshots, reset
         self._rows: dict[str, _Row] = {}
         self._other = _Row(Fingerprint(OTHER, "", OTHER, ""))
+        #: Successful executions: (fingerprint, seconds).
+        self._done: deque[tuple[Fingerprint, float]] = deque()
+        #: Everything else, tagged: (fingerprint, seconds or refusal kind, _ERROR...).
         self._pending: deque[tuple[Fingerprint, object, int]] = deque()
 
     def record(
@@ -199,9 +203,20 @@ class StatsRegistry:
         ``timeout=True`` also counts as an error: ``errors`` is every failed execution,
         ``timeouts`` the subset that failed by running out of time.
         """
+        if not (error or timeout):
+            self.record_success(fp, elapsed)
+            return
         p = self._pending
-        p.append((fp, elapsed, _TIMEOUT if timeout else _ERROR if error else _OK))
+        p.append((fp, elapsed, _TIMEOUT if timeout else _ERROR))
         if len(p) >= _FOLD_AT:
+            self._fold(blocking=False)
+
+    def record_success(self, fp: Fingerprint, elapsed: float) -> None:
+        """``record(fp, elapsed)`` for an execution that succeeded: the statement path's
+        call, one append and one length check."""
+        d = self._done
+        d.append((fp, elapsed))
+        if len(d) >= _FOLD_AT:
             self._fold(blocking=False)
 
     def record_refusal(self, fp: Fingerprint, kind: str) -> None:
@@ -233,42 +248,56 @@ class StatsRegistry:
             self._lock.release()
 
     def _fold_locked(self) -> None:
-        pop = self._pending.popleft
-        rows = self._rows
-        while True:
-            try:
-                fp, value, what = pop()
-            except IndexError:
-                return
-            row = rows.get(fp.id)
-            if row is None:
-                if len(rows) >= self.max_fingerprints:
-                    row = self._other
-                else:
-                    row = rows[fp.id] = _Row(fp)
-            if what <= _TIMEOUT:
-                elapsed = cast(float, value)
-                if _LOWEST < elapsed <= _TOP:
-                    i = _ceil(_log2(elapsed) * _STEPS_PER_DOUBLING + _OFFSET)
-                else:
-                    i = _bucket(elapsed)
+        self._fold_done()
+        self._fold_pending()
+
+    def _row(self, fp: Fingerprint) -> _Row:
+        row = self._rows.get(fp.id)
+        if row is None:
+            if len(self._rows) >= self.max_fingerprints:
+                return self._other
+            row = self._rows[fp.id] = _Row(fp)
+        return row
+
+    def _fold_done(self) -> None:
+        pop = self._done.popleft
+        upper = _UPPER
+        last: Fingerprint | None = None
+        row = self._other
+        # The bucket of the previous entry, by its bounds: successive durations of one
+        # statement mostly share a bucket, and two comparisons cost a tenth of a log2.
+        i, low, high = 0, 1.0, 0.0
+        for _ in range(len(self._done)):  # what lands meanwhile waits for the next fold
+            fp, elapsed = pop()
+            if fp is not last:  # a run of one statement is the common case
+                row = self._row(fp)
+                last = fp
+            if not low < elapsed <= high:
+                i = _bucket(elapsed)
+                if 0 < i < _OVERFLOW_BUCKET and upper[i - 1] < elapsed <= upper[i]:
+                    low, high = upper[i - 1], upper[i]
+                else:  # an edge the formula rounds across, or out of range: no reuse
+                    low, high = 1.0, 0.0
                     elapsed = _clean(elapsed)
-                row.count += 1
-                row.total += elapsed
-                row.buckets[i] += 1
-                if elapsed > row.max:
-                    row.max = elapsed
-                if what != _OK:
-                    row.errors += 1
-                    if what == _TIMEOUT:
-                        row.timeouts += 1
-            elif what == _REFUSAL:
+            row.count += 1
+            row.total += elapsed
+            row.buckets[i] += 1
+            if elapsed > row.max:
+                row.max = elapsed
+
+    def _fold_pending(self) -> None:
+        pop = self._pending.popleft
+        for _ in range(len(self._pending)):
+            fp, value, what = pop()
+            row = self._row(fp)
+            if what == _REFUSAL:
                 kind = cast(str, value)
                 row.refusals[kind] = row.refusals.get(kind, 0) + 1
-            else:
-                seconds = cast(float, value)
-                i = _bucket(seconds)
-                seconds = _clean(seconds)
+                continue
+            seconds = cast(float, value)
+            i = _bucket(seconds)
+            seconds = _clean(seconds)
+            if what == _HOLD:
                 buckets = row.hold_buckets
                 if buckets is None:
                     buckets = row.hold_buckets = [0] * _NBUCKETS
@@ -276,6 +305,15 @@ class StatsRegistry:
                 row.hold_count += 1
                 if seconds > row.hold_max:
                     row.hold_max = seconds
+                continue
+            row.count += 1
+            row.total += seconds
+            row.buckets[i] += 1
+            if seconds > row.max:
+                row.max = seconds
+            row.errors += 1
+            if what == _TIMEOUT:
+                row.timeouts += 1
 
     def snapshot(self, limit: int | None = None) -> list[dict[str, object]]:
         """JSON-serialisable rows, worst first: most timeouts, then most refusals, then the
@@ -303,6 +341,7 @@ class StatsRegistry:
     def reset(self) -> None:
         """Forget everything, including what is queued."""
         with self._lock:
+            self._done.clear()
             self._pending.clear()
             self._rows = {}
             self._other = _Row(self._other.fp)

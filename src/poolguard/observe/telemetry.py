@@ -18,7 +18,12 @@ Three rules shape this module:
   exception event is built here from the class name and, for poolguard's own errors (which are
   literal-free by construction), their message.
 * **The API alone is enough.** With only ``opentelemetry-api`` installed (or no SDK configured)
-  every call goes to no-op instruments and costs next to nothing.
+  nothing is built or recorded at all. Whether a tracer or a meter can record is decided once:
+  a no-op one never can; one from the global providers (the API's proxies) can once a global
+  provider is set, which the hot paths notice by one dict read of the API's module state per
+  statement or checkout (then :meth:`Telemetry.went_live` brings the state up to date). While
+  nothing can record, they skip their calls here altogether (:attr:`Telemetry.live`,
+  :attr:`Telemetry.metered`).
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Protocol, cast
 
 from opentelemetry import metrics, trace
-from opentelemetry.metrics import CallbackOptions, Histogram, Meter, Observation
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.metrics import CallbackOptions, Histogram, Meter, NoOpMeter, Observation
+from opentelemetry.metrics import _internal as _metrics_state
+from opentelemetry.trace import NoOpTracer, ProxyTracer, SpanKind, Status, StatusCode
 
 from poolguard import __version__
 from poolguard.errors import PoolGuardError, QueryTimeout
@@ -106,6 +112,35 @@ _OFF, _ALL, _SLOW = 0, 1, 2
 _MODES = {"off": _OFF, "all": _ALL, "slow": _SLOW}
 
 _get_current_span = trace.get_current_span
+
+# Whether a tracer or meter records: never (a no-op one), once a global provider is set (the
+# API's proxies, for which the API keeps the global in module state), or now.
+_NEVER, _WATCH, _NOW = 0, 1, 2
+#: The names under which the API's modules keep the global providers (None until set).
+TRACER_PROVIDER = "_TRACER_PROVIDER"
+METER_PROVIDER = "_METER_PROVIDER"
+#: An API without them: every proxy counts as recording, as before this check existed.
+_CAN_WATCH = hasattr(trace, TRACER_PROVIDER) and hasattr(_metrics_state, METER_PROVIDER)
+
+
+def _tracer_state(tracer: object) -> int:
+    if isinstance(tracer, NoOpTracer):
+        return _NEVER
+    if isinstance(tracer, ProxyTracer) and _CAN_WATCH and trace._TRACER_PROVIDER is None:
+        return _WATCH
+    return _NOW
+
+
+def _meter_state(meter: object) -> int:
+    if isinstance(meter, NoOpMeter):
+        return _NEVER
+    if (
+        type(meter).__name__ == "_ProxyMeter"
+        and _CAN_WATCH
+        and _metrics_state._METER_PROVIDER is None
+    ):
+        return _WATCH
+    return _NOW
 
 
 class FingerprintLike(Protocol):
@@ -217,6 +252,17 @@ class Telemetry:
             SCOPE_NAME, __version__, tracer_provider, schema_url=SCHEMA_URL
         )
         meter = metrics.get_meter(SCOPE_NAME, __version__, meter_provider, schema_url=SCHEMA_URL)
+        self._tracing = _tracer_state(self._tracer)
+        self._metering = _meter_state(meter)
+        #: Attributes of the zero-wait histogram point, per (partition, priority).
+        self._no_wait_attrs: dict[tuple[str, str], dict[str, AttributeValue]] = {}
+        self.live = self.metered = self.traced = False
+        self.spans_pending = self.meter_pending = False
+        #: The API modules' namespaces, where the hot paths look for a global provider
+        #: while one is pending: a dict read, where asking :meth:`went_live` is a call.
+        self.trace_api: dict[str, object] = vars(trace)
+        self.metrics_api: dict[str, object] = vars(_metrics_state)
+        self._refresh()
 
         # -- semantic-convention instruments ---------------------------------------------------
         self._wait_time = _histogram(
@@ -306,6 +352,35 @@ class Telemetry:
             description="Quarantine circuit-breaker transitions of a statement fingerprint.",
         )
 
+    # -- whether anything records ----------------------------------------------------------------
+    def _refresh(self) -> None:
+        self.traced = self._tracing == _NOW
+        self.metered = self._metering == _NOW
+        #: :meth:`statement` may record something: a span (in a mode that keeps some), or
+        #: the operation histogram (asked for, and a meter that records or may soon).
+        self.live = (self.traced and self._mode != _OFF) or (
+            self.operation_metrics and self._metering != _NEVER
+        )
+        #: Statement spans wait for a global TracerProvider (``trace_api[TRACER_PROVIDER]``).
+        self.spans_pending = self._tracing == _WATCH and self._mode != _OFF
+        #: Pool metrics wait for a global MeterProvider (``metrics_api[METER_PROVIDER]``).
+        self.meter_pending = self._metering == _WATCH
+
+    def went_live(self) -> bool:
+        """Whether a global provider a proxy waited for was set since the last look; then
+        :attr:`live`, :attr:`traced` and :attr:`metered` are brought up to date. Reads the
+        API's module state, nothing else; at most twice True in a process's life."""
+        changed = False
+        if self._tracing == _WATCH and trace._TRACER_PROVIDER is not None:
+            self._tracing = _NOW
+            changed = True
+        if self._metering == _WATCH and _metrics_state._METER_PROVIDER is not None:
+            self._metering = _NOW
+            changed = True
+        if changed:
+            self._refresh()
+        return changed
+
     # -- the hot path --------------------------------------------------------------------------
     def statement(
         self,
@@ -319,14 +394,16 @@ class Telemetry:
     ) -> None:
         """Report one finished statement.
 
-        Called after every statement, so the common case (no span wanted, no operation
-        histogram) returns after a couple of attribute reads and, in ``"all"`` mode, one
-        context lookup.
+        The statement path calls it only while :attr:`live` (an SDK may record); the common
+        case then (no span wanted, no operation histogram) returns after a couple of
+        attribute reads and, in ``"all"`` mode, one context lookup.
         """
-        if self._op_duration is not None:
+        if self.spans_pending or self.meter_pending:  # a failure's report comes unasked
+            self.went_live()
+        if self._op_duration is not None and self.metered:
             self._record_operation(fp, start_ns, end_ns, error)
         mode = self._mode
-        if mode == _OFF:
+        if mode == _OFF or not self.traced:
             return
         if mode == _ALL:
             if not _get_current_span().is_recording():
@@ -388,6 +465,24 @@ class Telemetry:
         span.end(end_time=end_ns)
 
     # -- the pool --------------------------------------------------------------------------------
+    def no_wait(self, *, partition: str, priority: str) -> None:
+        """A checkout that got its slot without waiting: a 0 in the wait-time histogram.
+
+        The checkout path calls it only while :attr:`metered` (a wait this short never gets
+        a span); the attributes are built once per partition and priority.
+        """
+        key = (partition, priority)
+        attrs = self._no_wait_attrs.get(key)
+        if attrs is None:
+            if len(self._no_wait_attrs) >= 1024:  # partitions named without bound
+                self._no_wait_attrs.clear()
+            attrs = self._no_wait_attrs[key] = {
+                DB_POOL_NAME: self.pool_name,
+                PG_PARTITION: partition,
+                PG_PRIORITY: priority,
+            }
+        self._wait_time.record(0.0, attrs)
+
     def pool_wait(
         self, start_ns: int, end_ns: int, *, partition: str, priority: str, acquired: bool
     ) -> None:
@@ -424,7 +519,8 @@ class Telemetry:
         self._create_time.record(seconds, self._pool_attrs)
 
     def connection_used(self, seconds: float) -> None:
-        """A connection went back to the pool after ``seconds`` checked out."""
+        """A connection went back to the pool after ``seconds`` checked out (the checkout
+        path calls it only while :attr:`metered`)."""
         self._use_time.record(seconds, self._pool_attrs)
 
     # -- refusals and policy events ---------------------------------------------------------------
