@@ -199,6 +199,12 @@ class PoolGuardMiddleware:
             or self._waiters_running_out(plan.partition)
         )
         if not in_flight.enter(plan.rank, plan.partition, contended):
+            gate: Gate = guard.gate
+            if contended and gate.held >= gate.capacity - gate.reserve:
+                # Still pressing on a full pool: the contention lasts. Left to lapse, the
+                # door would open each time CoDel's episode ends (one checkout that does
+                # not wait) and let another interval's arrivals queue behind the pool.
+                in_flight.shed(plan.partition, time.monotonic() + self._shed_memory)
             # guard.admit() counts its own refusals; this one is ours to count.
             guard.record_refusal("inflight", plan.partition)
             guard.telemetry.shed(
