@@ -134,3 +134,43 @@ def test_read_fleet_for_check(redis_server: RedisServer) -> None:
         for m in members:
             m.close()
     assert read_fleet(redis_server.url, "shop")["members"] == []
+
+
+def test_metrics_for_leases_borrowing_and_degraded_mode(redis_server: RedisServer) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    fleet = RedisFleet(
+        redis_server.url, name="otel", max_connections=4, heartbeat=0.25, meter_provider=provider
+    )
+    gate = Gate(6)
+    m = fleet.join(gate=gate, quarantine=Quarantine(), alerts=Alerter(), pool_capacity=6)
+    try:
+        held = [gate.try_acquire("default", 1) for _ in range(4)]
+        assert all(held) and not m.borrow()  # the fleet's 4 are all here: refused
+        redis_server.kill()
+        for t in held:
+            assert t is not None
+            gate.release(t)
+        from fleet_support import wait_for
+
+        assert wait_for(lambda: m.snapshot()["mode"] == "degraded", 10)
+        points: dict[str, list[Any]] = {}
+        data = reader.get_metrics_data()
+        assert data is not None
+        for rm in data.resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    points[metric.name] = list(metric.data.data_points)
+        assert points["poolguard.fleet.leases"][0].value == 4
+        assert points["poolguard.fleet.degraded"][0].value == 1
+        assert points["poolguard.fleet.degraded_episodes"][0].value == 1
+        outcomes = {p.attributes["outcome"]: p.value for p in points["poolguard.fleet.borrows"]}
+        assert outcomes["refused"] == 1
+        assert all(
+            p.attributes["poolguard.fleet.name"] == "otel" for p in points["poolguard.fleet.leases"]
+        )
+    finally:
+        m.close()

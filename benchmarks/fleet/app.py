@@ -66,7 +66,7 @@ def build_app(dsn: str, redis_url: str, name: str, cap: int, tag: str) -> FastAP
     @app.get("/fleet")
     def fleet_stats() -> dict[str, Any]:
         s = guard.stats()
-        return {"fleet": s["fleet"], "quarantine": s["quarantine"]}
+        return {"fleet": s["fleet"], "quarantine": s["quarantine"], "refusals": s["refusals"]}
 
     return app
 

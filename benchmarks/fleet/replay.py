@@ -237,6 +237,7 @@ def run(name: str, duration: float, db: str) -> dict[str, Any]:
         "remote_opened": sum(s["fleet"]["quarantine"]["remote_opened"] for s in stats),
         "degraded_episodes": sum(s["fleet"]["degraded_episodes"] for s in stats),
         "leases_at_end": [s["fleet"]["leases"] for s in stats],
+        "refusals_by_member": [s.get("refusals", {}) for s in stats],
     }
 
 
