@@ -10,6 +10,7 @@ when the local gate is full and makes at most one bounded round trip.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
@@ -57,5 +58,17 @@ class Fleet(Protocol):
     """A fleet configuration (``RedisFleet(...)``); one member per guarded engine."""
 
     def join(
-        self, *, gate: Gate, quarantine: Quarantine, alerts: Alerter, pool_capacity: int
-    ) -> FleetMember: ...
+        self,
+        *,
+        gate: Gate,
+        quarantine: Quarantine,
+        alerts: Alerter,
+        pool_capacity: int,
+        on_transition: Callable[[Transition], None] | None = None,
+    ) -> FleetMember:
+        """Join once per guard. ``on_transition`` (optional) is called, from the member's
+        threads, for every breaker change applied from the fleet (opened, reopened or
+        closed elsewhere), so the guard can report it and cancel running copies of a
+        statement opened elsewhere; the member ignores the guard's echo of it through
+        :meth:`FleetMember.transition`."""
+        ...

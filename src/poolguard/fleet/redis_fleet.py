@@ -204,3 +204,11 @@ def read_fleet(url: str, name: str, *, timeout: float = 1.0) -> dict[str, Any]:
         "pools": sum(x["pool"] for x in members),
         "quarantined": int(quarantined),
     }
+
+
+if TYPE_CHECKING:
+    from poolguard.fleet.protocol import Fleet, FleetMember
+
+    def _conforms(fleet: RedisFleet, member: RedisMember) -> tuple[Fleet, FleetMember]:
+        """mypy checks here that RedisFleet and its members implement the guard's seam."""
+        return fleet, member
