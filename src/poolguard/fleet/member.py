@@ -100,7 +100,7 @@ class RedisMember:
         self.total = 0
         self.starving = False
         self.last_sync = 0.0
-        self.counts = {"granted": 0, "refused": 0, "failed": 0, "skipped": 0}
+        self.counts = {"granted": 0, "refused": 0, "failed": 0, "skipped": 0, "cancelled": 0}
         self.degraded_episodes = 0
         self.metrics = FleetMetrics(self, fleet=fleet.name, meter_provider=meter_provider)
         # Nothing is used before Redis says how much: the first heartbeat runs here, so the
@@ -160,6 +160,7 @@ class RedisMember:
         except BaseException:  # cancelled: the heartbeat reconciles what Redis granted
             with self._lock:
                 self._in_flight -= 1
+            self.counts["cancelled"] += 1
             raise
         return self._borrow_done(reply, want, t0)
 
