@@ -114,6 +114,7 @@ class PoolGuard:
                     quarantine=parts.quarantine,
                     alerts=parts.alerts,
                     pool_capacity=cap,
+                    on_transition=parts.on_transition,
                 )
         except BaseException:
             self.close()

@@ -30,13 +30,13 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from poolguard.fleet import shares
 from poolguard.fleet.metrics import FleetMetrics
 from poolguard.fleet.quarantine_link import QuarantineLink
 from poolguard.fleet.store import REBALANCE, Reply, Store, StoreError, parse_entry
-from poolguard.observe.alerts import ALERT_KINDS, Alert, Alerter
+from poolguard.observe.alerts import Alerter, AlertKind
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -395,32 +395,14 @@ class RedisMember:
             f"local cap of {self.gate.capacity} connections until it is back",
         )
 
-    def _alert(self, kind: str, message: str) -> None:
+    def _alert(self, kind: AlertKind, message: str) -> None:
         attrs: dict[str, str | int | float] = {
             "fleet": self.fleet.name,
             "capacity": self.gate.capacity,
             "max_connections": self.fleet.max_connections,
         }
-        if kind in ALERT_KINDS:
-            self.alerts.emit(cast(Any, kind), self.fleet.name, message, attrs, time.monotonic())
-            return
-        # An Alerter without the fleet's kinds: log it the same way, and call back.
-        self.alerts.logger.warning(
-            "poolguard alert %s: %s",
-            kind,
-            message,
-            extra={"poolguard_alert": kind, "poolguard": attrs},
-        )
-        cb = self.alerts.callback
-        if cb is not None:
-            try:
-                cb(Alert(kind=cast(Any, kind), message=message, attributes=attrs, at=time.time()))
-            except Exception as exc:
-                self.alerts.logger.error(
-                    "poolguard alert callback failed with %s", type(exc).__name__
-                )
+        self.alerts.emit(kind, self.fleet.name, message, attrs, time.monotonic())
 
-    # -- threads -------------------------------------------------------------------------------
     def _run(self) -> None:
         every = self.fleet.heartbeat
         next_beat = time.monotonic() + every

@@ -30,7 +30,13 @@ from poolguard import validate as v
 __all__ = ["ALERT_KINDS", "Alert", "AlertKind", "Alerter"]
 
 AlertKind = Literal[
-    "saturation", "connection_storm", "leak", "quarantine_opened", "quarantine_closed"
+    "saturation",
+    "connection_storm",
+    "leak",
+    "quarantine_opened",
+    "quarantine_closed",
+    "fleet_degraded",
+    "fleet_rejoined",
 ]
 ALERT_KINDS: frozenset[str] = frozenset(get_args(AlertKind))
 
