@@ -67,7 +67,7 @@ def test_defaults_are_the_classic_numbers() -> None:
     assert (s.target, s.interval) == (0.005, 0.1)
     assert PRIORITIES == ("critical", "normal", "sheddable")
     assert s.level(0.0) == 0
-    assert s.overloaded is False
+    assert not s.standing
 
 
 # -- good queues -----------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def test_a_queue_that_drains_every_interval_never_sheds() -> None:
         now += INTERVAL - 0.001
         assert s.level(now) == 0
         assert admits(s, SHEDDABLE, now, oldest_wait=0.5, waiting=1, capacity=10)
-    assert s.overloaded is False
+    assert s.level(now) == 0  # as of the last sample, taken at ``now``
 
 
 def test_an_empty_gate_at_admission_counts_as_a_drain() -> None:
@@ -98,9 +98,7 @@ def test_a_standing_queue_sheds_sheddable_after_one_interval_then_normal() -> No
     s = CoDelShedder(target=TARGET, interval=INTERVAL)
     standing(s, 0.0, 0.09)
     assert s.level(0.09) == 0
-    assert s.overloaded is False
     standing(s, 0.1, 0.1)
-    assert s.overloaded is True
     assert s.level(0.1) == 1
     d = s.decide(SHEDDABLE, 0.1, oldest_wait=BAD, waiting=3, capacity=10, drain_rate=100.0)
     assert d == Decision(False, "queue_delay", 1.0)
@@ -155,7 +153,7 @@ def test_one_drain_ends_the_episode_and_reentry_takes_a_full_interval() -> None:
     standing(s, 0.0, 0.5)
     assert s.level(0.5) == 2
     s.observe(TARGET, 0.51)  # at target counts as a drain
-    assert s.overloaded is False
+    assert not s.standing
     assert s.level(0.51) == 0
     assert admits(s, SHEDDABLE, 0.51, oldest_wait=TARGET, waiting=1, capacity=10)
     standing(s, 0.52, 0.61)
@@ -163,13 +161,13 @@ def test_one_drain_ends_the_episode_and_reentry_takes_a_full_interval() -> None:
     assert s.level(0.625) == 1  # a full interval after the first sample above target
 
 
-def test_level_is_live_but_overloaded_is_as_of_the_last_sample() -> None:
+def test_level_is_live_not_as_of_the_last_sample() -> None:
     s = CoDelShedder(target=TARGET, interval=INTERVAL)
     s.observe(BAD, 1.0)
     assert s.level(1.2) == 1  # nothing has drained since 1.0
-    assert s.overloaded is False  # the last sample, at 1.0, was not a whole interval in
+    assert s.level(1.0) == 0  # the last sample, at 1.0, was not a whole interval in
     s.observe(BAD, 1.1)
-    assert s.overloaded is True
+    assert s.level(1.1) == 1
 
 
 # -- no capacity -----------------------------------------------------------------------------------
@@ -274,7 +272,6 @@ def test_never_sheds_while_drains_are_less_than_an_interval_apart(
         if sojourn <= TARGET:
             last_drain = now
         assert s.level(now) == 0
-        assert s.overloaded is False
 
 
 @given(samples)

@@ -10,12 +10,12 @@ every scope in the chain.
 from __future__ import annotations
 
 import contextvars
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
 
+from poolguard import validate
 from poolguard.errors import BudgetExceeded
 
 __all__ = ["PRIORITIES", "Budget", "BudgetScope", "current_scope", "scope_context"]
@@ -26,33 +26,9 @@ PRIORITIES: tuple[str, ...] = ("critical", "normal", "sheddable")
 PRIORITY_RANK: dict[str, int] = {p: i for i, p in enumerate(PRIORITIES)}
 
 
-def _check_seconds(name: str, value: object, *, allow_none: bool = True) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return v
-
-
-def _check_count(name: str, value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value!r}")
-    return value
-
-
-def check_priority(name: str, value: object) -> str | None:
-    if value is None:
-        return None
-    if value not in PRIORITY_RANK:
-        raise ValueError(f"{name} must be one of {', '.join(PRIORITIES)}; got {value!r}")
-    return str(value)
+def _caller_seconds(name: str, value: object) -> float | None:
+    """A deadline or a db-time allowance: seconds no server sees, so no upper bound."""
+    return None if value is None else validate.seconds(name, value, optional=True, limit=None)
 
 
 @dataclass(frozen=True)
@@ -72,12 +48,13 @@ class Budget:
     partition: str | None = None
 
     def __post_init__(self) -> None:
-        _check_seconds("deadline", self.deadline)
-        _check_seconds("statement_timeout", self.statement_timeout)
-        _check_seconds("max_db_time", self.max_db_time)
-        _check_count("max_queries", self.max_queries)
-        _check_count("max_connections", self.max_connections)
-        check_priority("priority", self.priority)
+        _caller_seconds("deadline", self.deadline)
+        validate.optional_seconds("statement_timeout", self.statement_timeout)
+        _caller_seconds("max_db_time", self.max_db_time)
+        validate.optional_count("max_queries", self.max_queries)
+        validate.optional_count("max_connections", self.max_connections)
+        if self.priority is not None:
+            validate.choice("priority", self.priority, PRIORITIES)
         if self.partition is not None and (
             not isinstance(self.partition, str) or not self.partition
         ):
@@ -121,17 +98,18 @@ class BudgetScope:
             wanted = b.priority or p.priority
             self.priority = max(wanted, p.priority, key=PRIORITY_RANK.__getitem__)
         self.partition = b.partition or (p.partition if p is not None else None)
+        # Resolved once, like the limits: every statement counts against each scope of the
+        # chain, and must fit the allowances of the few that have any.
+        self._scopes: tuple[BudgetScope, ...] = (self, *(p._scopes if p is not None else ()))
+        self._limited = tuple(
+            s
+            for s in self._scopes
+            if s.budget.max_queries is not None or s.budget.max_db_time is not None
+        )
 
     def chain(self) -> Iterator[BudgetScope]:
-        s: BudgetScope | None = self
-        while s is not None:
-            yield s
-            s = s.parent
-
-    def time_left(self, now: float | None = None) -> float | None:
-        if self.deadline_at is None:
-            return None
-        return self.deadline_at - (time.monotonic() if now is None else now)
+        """This scope, then its parents."""
+        return iter(self._scopes)
 
     def admit_statement(self, default_timeout: float | None, now: float) -> float | None:
         """Check every limit before a statement starts; return its effective timeout.
@@ -152,8 +130,7 @@ class BudgetScope:
                     partition=self.partition,
                 )
             timeout = left if timeout is None else min(timeout, left)
-        s: BudgetScope | None = self
-        while s is not None:
+        for s in self._limited:
             b = s.budget
             if b.max_queries is not None and s.queries >= b.max_queries:
                 raise BudgetExceeded(
@@ -169,17 +146,14 @@ class BudgetScope:
                         partition=self.partition,
                     )
                 timeout = room if timeout is None else min(timeout, room)
-            s = s.parent
         return timeout
 
     def record_statement(self, elapsed: float, timed_out: bool = False) -> None:
-        s: BudgetScope | None = self
-        while s is not None:
+        for s in self._scopes:
             s.queries += 1
             s.db_time += elapsed
             if timed_out:
                 s.timeouts += 1
-            s = s.parent
 
     def admit_connection(self) -> None:
         """Count a connection about to be checked out against every scope's allowance."""

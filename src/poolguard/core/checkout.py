@@ -25,6 +25,7 @@ from poolguard.core.budget import _current as _scope_var
 from poolguard.core.holds import ConnState, Hold, conn_state
 from poolguard.core.origin import checkout_origin
 from poolguard.errors import PoolSaturated
+from poolguard.observe.telemetry import METER_PROVIDER
 from poolguard.policy.gate import DEFAULT_PARTITION, Gate, Ticket
 from poolguard.policy.shedding import estimate_retry_after
 
@@ -46,6 +47,7 @@ class CheckoutPath:
         self.gate: Gate = parts.gate
         self.held: dict[Any, Hold] = parts.held
         self.checkout_timeout = parts.config.timeouts.checkout_timeout
+        self.telemetry = parts.telemetry
         self._patched: weakref.WeakSet[Pool] = weakref.WeakSet()
         self.closed = False
 
@@ -98,19 +100,27 @@ class CheckoutPath:
             partition, rank = DEFAULT_PARTITION, 1
         try:
             ticket = self.gate.try_acquire(partition, rank)
-            now = time.monotonic()
             if ticket is None:
+                now = time.monotonic()
                 ticket = self._wait(scope, partition, rank, now)
             else:
+                now = ticket.acquired_at
                 if rank:
                     # Critical work skips the queue (reserve, priority), so its near-zero
                     # waits say nothing about the queue: only other work's waits feed CoDel.
-                    self.p.shedder(partition).observe(0.0, now)
-                # Zero waits belong in the wait-time histogram too.
-                t = time.time_ns()
-                self.p.telemetry.pool_wait(
-                    t, t, partition=partition, priority=PRIORITIES[rank], acquired=True
-                )
+                    # A zero wait changes only a shedder whose queue stands (it ends the
+                    # episode).
+                    shedder = self.p.shedders.get(partition) or self.p.shedder(partition)
+                    if shedder.standing:
+                        shedder.observe(0.0, now)
+                # Zero waits belong in the wait-time histogram too, when a meter records.
+                tel = self.telemetry
+                if tel.metered or (
+                    tel.meter_pending
+                    and tel.metrics_api[METER_PROVIDER] is not None
+                    and tel.went_live()
+                ):
+                    tel.no_wait(partition=partition, priority=PRIORITIES[rank])
             # Statements run while connecting belong to the connection, not to the caller.
             token = _scope_var.set(CONNECTING)
             try:
@@ -144,7 +154,7 @@ class CheckoutPath:
             return fairy
         state = conn_state(record)
         self.held[record] = Hold(ticket, scope, ticket.acquired_at, checkout_origin(), state)
-        if state.owner is not self.p.token:
+        if state.owner is not self.p.identity:
             self._prepare(fairy, record, state, now)
         return fairy
 
@@ -165,7 +175,7 @@ class CheckoutPath:
             raise
         if p.track_pids:
             state.backend_pid = p.enforcer.backend_pid(fairy.dbapi_connection, state.info)
-        state.owner = p.token
+        state.owner = p.identity
         if state.created_at is not None:
             p.telemetry.connection_created(time.monotonic() - state.created_at)
             state.created_at = None
@@ -232,7 +242,8 @@ class CheckoutPath:
             hold.scope.release_connection()
         used = time.monotonic() - hold.since
         p = self.p
-        p.telemetry.connection_used(used)
+        if self.telemetry.metered:  # brought up to date by the checkout
+            p.telemetry.connection_used(used)
         if hold.fp is not None:
             p.stats.record_hold(hold.fp, used)
         if hold.reported:

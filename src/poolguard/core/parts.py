@@ -74,8 +74,9 @@ class Parts:
         self.stats = StatsRegistry(max_fingerprints=config.telemetry.max_fingerprints)
         self.refusals = RefusalCounts()
         self.held: dict[Any, Hold] = {}
-        #: Marks the connections this guard prepared (a new guard prepares them again).
-        self.token = object()
+        #: This guard's mark on the connections it prepared (``ConnState.owner``): a
+        #: connection another guard prepared is prepared again.
+        self.identity = object()
         self.shedders: dict[str, CoDelShedder] = {}
         self.saturation = SaturationDetector()
         self.storm = StormDetector(threshold=storm_threshold)

@@ -61,7 +61,8 @@ class StatementPath:
         self.fingerprint = parts.fingerprint
         self.default_timeout = parts.config.timeouts.statement_timeout
         self.baseline = parts.enforcer.session_baseline
-        self.record_success = parts.stats.record_success
+        self.successes = parts.stats.successes
+        self.fold_at = parts.stats.fold_at
         #: Who runs what is only asked where the server can name sessions (blame, cancel).
         self.track_running = parts.track_pids
         # Bound once: the listener collections hold these exact objects, which is how the
@@ -145,23 +146,25 @@ class StatementPath:
             if later[-1] is not self.on_do_execute:
                 execute = self._chained("do_execute")
         fp = self.fingerprint(statement)
-        now = _monotonic()
         q = self.quarantine
-        if q.active:
-            wait = q.check(fp.id, now)
-            if wait is not None:
-                self._refuse_quarantined(fp, wait, scope)
         default = self.default_timeout
-        if scope is None:
-            timeout: float | None = default
-        else:
-            try:
-                timeout = scope.admit_statement(default, now)
-            except BudgetExceeded as err:
-                if q.active:  # it may have been let through as a quarantine probe
-                    q.record_error(fp.id, now)
-                self.p.refused(err, "budget", scope.partition, fp)
-                raise
+        timeout: float | None = default
+        # The time before admission, read only when something is admitted against it.
+        now: float | None = None
+        if q.active or scope is not None:
+            now = _monotonic()
+            if q.active:
+                wait = q.check(fp.id, now)
+                if wait is not None:
+                    self._refuse_quarantined(fp, wait, scope)
+            if scope is not None:
+                try:
+                    timeout = scope.admit_statement(default, now)
+                except BudgetExceeded as err:
+                    if q.active:  # it may have been let through as a quarantine probe
+                        q.record_error(fp.id, now)
+                    self.p.refused(err, "budget", scope.partition, fp)
+                    raise
         record = context._dbapi_connection._connection_record  # type: ignore[attr-defined]
         hold = self.held.get(record)
         if timeout != default or not self.baseline:
@@ -170,11 +173,13 @@ class StatementPath:
                 statement = self.enforcer.prepare(cursor, statement, timeout, context, info)
             except BaseException:
                 if q.active:
-                    q.record_error(fp.id, now)
+                    q.record_error(fp.id, _monotonic() if now is None else now)
                 raise
             t0 = _monotonic()  # what preparing took (a SET on a server) is not the statement's
         else:
-            t0 = now
+            t0 = _monotonic() if now is None else now
+        if now is None:
+            now = t0
         running = hold is not None and self.track_running
         if running:
             hold.running = fp  # type: ignore[union-attr]
@@ -195,7 +200,10 @@ class StatementPath:
             self._failed(o, context, cancelled)
             raise
         elapsed = _monotonic() - t0
-        self.record_success(fp, elapsed)
+        done = self.successes  # StatsRegistry.record_success, without a call
+        done.append((fp, elapsed))
+        if len(done) >= self.fold_at:
+            self.stats.fold_soon()
         if scope is not None:
             scope.record_statement(elapsed)
         if q.active:

@@ -70,6 +70,8 @@ def bucket_upper(bucket: int) -> float:
     """A bucket's upper bound in seconds, rounded to the microsecond's thousandth; the
     overflow bucket reports the last finite bound (JSON has no infinity)."""
     return round(_UPPER[min(bucket, _OVERFLOW_BUCKET - 1)], 9)
+
+
 #: Queue length at which a recorder folds the queue into the rows.
 _FOLD_AT = 256
 _ERROR, _TIMEOUT, _REFUSAL, _HOLD = range(4)
@@ -190,8 +192,12 @@ class StatsRegistry:
         self._lock = threading.Lock()  # folding, snapshots, reset
         self._rows: dict[str, _Row] = {}
         self._other = _Row(Fingerprint(OTHER, "", OTHER, ""))
-        #: Successful executions: (fingerprint, seconds).
-        self._done: deque[tuple[Fingerprint, float]] = deque()
+        #: Successful executions waiting to be folded: ``(fingerprint, seconds)``. The
+        #: statement path appends to it itself and calls :meth:`fold_soon` once its length
+        #: reaches :attr:`fold_at` (what :meth:`record_success` does): a Python call per
+        #: statement costs as much as the rest of recording.
+        self.successes = self._done = deque[tuple[Fingerprint, float]]()
+        self.fold_at = _FOLD_AT
         #: Everything else, tagged: (fingerprint, seconds or refusal kind, _ERROR...).
         self._pending: deque[tuple[Fingerprint, object, int]] = deque()
 
@@ -218,6 +224,10 @@ class StatsRegistry:
         d.append((fp, elapsed))
         if len(d) >= _FOLD_AT:
             self._fold(blocking=False)
+
+    def fold_soon(self) -> None:
+        """Fold the queues now, unless another thread is folding them."""
+        self._fold(blocking=False)
 
     def record_refusal(self, fp: Fingerprint, kind: str) -> None:
         """Count one refusal of ``fp`` (``kind``: "quarantined", "budget", "saturated", ...).

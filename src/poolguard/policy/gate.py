@@ -138,14 +138,16 @@ class Gate:
         since = time.monotonic() - ACTIVE
         return any(t > since for p, t in self._last_grant.items() if p != partition)
 
-    def _grant(self, partition: str) -> None:
+    def _grant(self, partition: str) -> float:
+        """Count a slot as held by ``partition``; returns the time of the grant."""
         self._held += 1
         self._held_by[partition] = self._held_by.get(partition, 0) + 1
         self.granted_total += 1
         last = self._last_grant
         if len(last) >= _MAX_TRACKED and partition not in last:
             last.clear()  # partitions named without bound: forget, at worst, some activity
-        last[partition] = time.monotonic()
+        now = last[partition] = time.monotonic()
+        return now
 
     def _dequeue(self, w: _Waiter) -> None:
         self._waiting -= 1
@@ -199,8 +201,7 @@ class Gate:
         """The fast path: a slot now, or None if the caller must wait."""
         with self._lock:
             if self._waiting == 0 and self._eligible(partition, rank):
-                self._grant(partition)
-                return Ticket(partition, rank, 0.0, time.monotonic())
+                return Ticket(partition, rank, 0.0, self._grant(partition))
         return None
 
     def _enqueue(self, w: _Waiter) -> bool:
@@ -307,6 +308,8 @@ class Gate:
                 self._win_start = now
                 self._win_count = 0
             self._win_count += 1
+            if not self._waiting:  # the common case: nobody to hand the slot to
+                return
             woken = self._dispatch()
         self._wake(woken)
 

@@ -39,6 +39,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from poolguard import validate
 from poolguard.core.budget import PRIORITIES, PRIORITY_RANK
 
 __all__ = [
@@ -103,15 +104,6 @@ def estimate_retry_after(waiting: int, drain_rate: float) -> float:
     return MIN_RETRY_AFTER
 
 
-def _check_seconds(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"{name} must be a positive, finite number of seconds, got {value!r}")
-    return v
-
-
 class CoDelShedder:
     """Decides, before a handler runs, whether its request may join the pool's queue.
 
@@ -122,8 +114,9 @@ class CoDelShedder:
     """
 
     def __init__(self, *, target: float = 0.005, interval: float = 0.1) -> None:
-        self.target = _check_seconds("target", target)
-        self.interval = _check_seconds("interval", interval)
+        # Queue delays no server sees: no upper bound but finiteness.
+        self.target = validate.seconds("target", target, limit=None)
+        self.interval = validate.seconds("interval", interval, limit=None)
         if self.target >= self.interval:
             raise ValueError(
                 f"target must be shorter than interval (the queue must be able to drain "
@@ -136,8 +129,6 @@ class CoDelShedder:
         self._above_since = _INF
         # Whether the latest sample exceeded SEVERE_FACTOR * target.
         self._severe_now = False
-        # Time of the latest sample, so that ``overloaded`` needs no clock.
-        self._last = -_INF
 
     def observe(self, sojourn: float, now: float) -> None:
         """Record one queue delay (seconds; 0.0 for a checkout that did not wait)."""
@@ -148,7 +139,13 @@ class CoDelShedder:
         else:
             self._above_since = _INF
             self._severe_now = False
-        self._last = now
+
+    @property
+    def standing(self) -> bool:
+        """Whether the latest sample was above target: only then does a sample at or below
+        it change anything (it ends the episode), so a checkout that did not wait can skip
+        :meth:`observe` otherwise."""
+        return self._above_since != _INF
 
     def level(self, now: float) -> int:
         """0 admits all; 1 sheds sheddable work; 2 sheds normal work too."""
@@ -158,11 +155,6 @@ class CoDelShedder:
         if self._severe_now or standing >= self._escalate_at:
             return 2
         return 1
-
-    @property
-    def overloaded(self) -> bool:
-        """Whether the queue was standing as of the latest sample (``level(now)`` is live)."""
-        return self._last - self._above_since >= self.interval
 
     def decide(
         self,
