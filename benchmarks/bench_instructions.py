@@ -36,6 +36,7 @@ older commit's ``src/``), to count another version of poolguard with the same sc
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -57,7 +58,7 @@ STATEMENT_CASES = ("bare", "floor", "poolguard", "poolguard-budget", "otel")
 CHECKOUT_CASES = ("checkout-bare", "checkout-poolguard")
 CASES = STATEMENT_CASES + CHECKOUT_CASES
 #: Against which case each one's added instructions are counted.
-BASELINE = {c: "bare" for c in STATEMENT_CASES} | {c: "checkout-bare" for c in CHECKOUT_CASES}
+BASELINE = dict.fromkeys(STATEMENT_CASES, "bare") | dict.fromkeys(CHECKOUT_CASES, "checkout-bare")
 WARMUP = 200
 
 
@@ -112,6 +113,14 @@ def _child(case: str, n: int) -> None:
     if budget is not None:
         budget.__enter__()
     loop(WARMUP)
+    if guard is not None:
+        # Its scan runs once a second: under valgrind's slowdown, several times at random
+        # during the loop, which is no per-statement cost.
+        guard._watchdog.stop()
+    # What a collection costs depends on everything the process holds: only the objects
+    # the loop makes are left for the collector to look at.
+    gc.collect()
+    gc.freeze()
     sys.call_tracing(loop, (n,))  # the only code callgrind counts
     if budget is not None:
         scope = budget.scope
@@ -136,9 +145,7 @@ def count(case: str, seed: int, n: int, src: Path | None) -> int:
         out = Path(tmp) / "callgrind.out"
         env = dict(os.environ, PYTHONHASHSEED=str(seed))
         if src is not None:
-            env["PYTHONPATH"] = os.pathsep.join(
-                [str(src), *filter(None, [env.get("PYTHONPATH")])]
-            )
+            env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
         cmd = [
             "valgrind",
             "--tool=callgrind",
@@ -204,7 +211,8 @@ def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for dist in ("sqlalchemy", "poolguard", "opentelemetry-api", "opentelemetry-instrumentation-sqlalchemy"):
+    dists = ("sqlalchemy", "opentelemetry-api", "opentelemetry-instrumentation-sqlalchemy")
+    for dist in dists:
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -219,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=300, help="measured loop (default 300)")
     parser.add_argument("--seeds", default="0,1,2", help="PYTHONHASHSEED values (default 0,1,2)")
     parser.add_argument("--cases", default=",".join(CASES), help=f"default {','.join(CASES)}")
-    parser.add_argument("--json", type=Path, default=None, help=f"write results (e.g. {DEFAULT_JSON})")
+    parser.add_argument("--json", type=Path, default=None, help=f"write here (e.g. {DEFAULT_JSON})")
     parser.add_argument("--src", type=Path, default=None, help="count the poolguard in this dir")
     parser.add_argument("--markdown", action="store_true", help="print only the table")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
