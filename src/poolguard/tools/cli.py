@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run_demo(args_in[args_in.index("demo") + 1 :])
         if rest:
             subparsers[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
+        if args.command == "check":
+            from poolguard.tools import check
+
+            problem = check.usage_problem(args)
+            if problem is not None:
+                subparsers["check"].error(problem)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     if args.command == "check":

@@ -101,11 +101,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="each process's max_overflow (default 10, SQLAlchemy's)",
     )
     parser.add_argument(
-        "--workers", type=_int_at_least(1), required=True, help="processes per replica"
+        "--workers", type=_int_at_least(1), help="processes per replica (not with --fleet)"
     )
     parser.add_argument(
-        "--replicas", type=_int_at_least(1), required=True, help="replicas (pods, hosts)"
+        "--replicas", type=_int_at_least(1), help="replicas (pods, hosts) (not with --fleet)"
     )
+    parser.add_argument(
+        "--fleet",
+        metavar="REDIS_URL",
+        help="read the live fleet (its members and shared cap) from Redis instead of "
+        "--workers/--replicas; needs poolguard[redis]",
+    )
+    parser.add_argument("--fleet-name", metavar="NAME", help="the RedisFleet name (with --fleet)")
     parser.add_argument(
         "--other-clients",
         type=_int_at_least(0),
@@ -136,13 +143,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        fleet = Fleet(
-            pool_size=args.pool_size,
-            max_overflow=args.max_overflow,
-            workers=args.workers,
-            replicas=args.replicas,
-            other_clients=args.other_clients,
-        )
+        fleet = _deployment(args)
         database = safe_url(url)
         facts = gather(url, args.connect_timeout)
     except CheckError as e:
@@ -158,3 +159,59 @@ def run(args: argparse.Namespace) -> int:
     render = render_json if args.json else render_text
     sys.stdout.write(render(database, facts, fleet, verdict))
     return 0 if verdict.status == "OK" else 1
+
+
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with how the deployment was described (argparse cannot say "these two,
+    or that one"), for the CLI to report as a usage error; None when it is fine."""
+    if args.fleet is None:
+        if args.fleet_name is not None:
+            return "--fleet-name goes with --fleet"
+        missing = [f for f in ("--workers", "--replicas") if getattr(args, f[2:]) is None]
+        if missing:
+            return (
+                f"the following arguments are required: {', '.join(missing)} "
+                "(or --fleet to read a live fleet)"
+            )
+        return None
+    if args.workers is not None or args.replicas is not None:
+        return "--fleet reads the members from Redis: leave out --workers and --replicas"
+    if not args.fleet_name:
+        return "--fleet needs --fleet-name (the RedisFleet's name)"
+    return None
+
+
+def _deployment(args: argparse.Namespace) -> Fleet:
+    """The deployment to check: the one described by the arguments, or the live fleet."""
+    problem = usage_problem(args)
+    if problem is not None:
+        raise CheckError(problem)
+    if args.fleet is None:
+        return Fleet(
+            pool_size=args.pool_size,
+            max_overflow=args.max_overflow,
+            workers=args.workers,
+            replicas=args.replicas,
+            other_clients=args.other_clients,
+        )
+    from poolguard.fleet import read_fleet
+
+    try:
+        live = read_fleet(args.fleet, args.fleet_name, timeout=args.connect_timeout)
+    except ImportError as e:
+        raise CheckError(str(e)) from None
+    except Exception as e:  # redis-py's errors name the address, never a password we add
+        raise CheckError(
+            f"cannot read fleet {args.fleet_name!r} from Redis: {type(e).__name__}"
+        ) from None
+    if not live["exists"] or live["max_connections"] is None:
+        raise CheckError(f"no fleet named {args.fleet_name!r} in that Redis")
+    return Fleet(
+        pool_size=args.pool_size,
+        max_overflow=args.max_overflow,
+        workers=max(1, len(live["members"])),
+        replicas=1,
+        other_clients=args.other_clients,
+        cap=live["max_connections"],
+        name=args.fleet_name,
+    )

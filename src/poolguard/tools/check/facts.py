@@ -29,6 +29,11 @@ class Fleet:
     workers: int
     replicas: int
     other_clients: int = 0
+    #: A live fleet's shared cap (``poolguard check --fleet``): its members together never
+    #: hold more, whatever their pools add up to.
+    cap: int | None = None
+    #: The fleet's name, when read from Redis.
+    name: str | None = None
 
     def __post_init__(self) -> None:
         if self.pool_size < 0:
@@ -39,6 +44,8 @@ class Fleet:
             raise ValueError("workers and replicas must be >= 1")
         if self.other_clients < 0:
             raise ValueError("other_clients must be >= 0")
+        if self.cap is not None and self.cap < 1:
+            raise ValueError("the fleet's cap must be >= 1")
 
     @property
     def processes(self) -> int:
@@ -53,7 +60,10 @@ class Fleet:
     @property
     def worst_case(self) -> int | None:
         per = self.per_process
-        return None if per is None else per * self.processes + self.other_clients
+        pools = None if per is None else per * self.processes
+        if self.cap is not None:
+            pools = self.cap if pools is None else min(pools, self.cap)
+        return None if pools is None else pools + self.other_clients
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,17 @@ def render_text(database: str, facts: ServerFacts, fleet: Fleet, verdict: Assess
 
     pool = f"pool_size {fleet.pool_size} + max_overflow {fleet.max_overflow}"
     worst = "unbounded" if verdict.worst_case is None else str(verdict.worst_case)
-    out += [
-        "",
-        "fleet worst case",
-        f"  ({pool}) x {fleet.workers} workers x {fleet.replicas} replicas "
-        f"+ {fleet.other_clients} other clients = {worst}",
-        "",
-    ]
+    if fleet.cap is not None:
+        how = (
+            f"  fleet {fleet.name!r} (live, from Redis): {fleet.workers} members sharing a cap "
+            f"of {fleet.cap}, ({pool}) each, + {fleet.other_clients} other clients = {worst}"
+        )
+    else:
+        how = (
+            f"  ({pool}) x {fleet.workers} workers x {fleet.replicas} replicas "
+            f"+ {fleet.other_clients} other clients = {worst}"
+        )
+    out += ["", "fleet worst case", how, ""]
     if verdict.status == "OK":
         out.append(
             f"OK: at most {worst} of {verdict.usable} usable connections "
@@ -84,6 +88,8 @@ def render_json(database: str, facts: ServerFacts, fleet: Fleet, verdict: Assess
             "workers": fleet.workers,
             "replicas": fleet.replicas,
             "other_clients": fleet.other_clients,
+            "cap": fleet.cap,
+            "name": fleet.name,
         },
         "worst_case": verdict.worst_case,
         "usable": verdict.usable,
