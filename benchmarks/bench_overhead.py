@@ -1,7 +1,7 @@
 """Per-statement overhead of poolguard against bare SQLAlchemy and OpenTelemetry's instrumentation.
 
     python benchmarks/bench_overhead.py [--quick] [--runs N] [--pg-url URL] [--json PATH]
-                                        [--engines sqlite,pg,pg-async,sqlite-async] [--profile]
+                                        [--engines sqlite,pg,pg-async,sqlite-async]
 
 What is measured: the time of one statement as an application sees it, in microseconds, for
 three loops on each engine:
@@ -66,15 +66,12 @@ Goals reported against: poolguard's added cost per statement below the instrumen
 and below 5 % of a one-statement PostgreSQL round trip (the ``bare`` psycopg ``select 1``;
 the raw driver round trip, ``dbapi``, is given too, a stricter denominator).
 
-``--profile`` also takes poolguard's hot path apart once (SQLite in memory, where nothing
-hides the CPU cost; about 50 s more): each piece of ``PoolGuard._run`` and of the checkout
-path timed alone with timeit (lower bounds), the pieces of ``_run`` timed in situ inside the
-real statement loop, and ablations: interleaved loops on engines that differ by one part
-(a no-op ConnectionEvents listener, the guard without its ConnectionEvents listeners, without
-its statistics, its telemetry, ``_caller()``, ...), which show what each part costs where it
-runs and what SQLAlchemy itself charges for the hooks poolguard installs.
+Where the cost goes is counted, not timed, by ``bench_instructions.py`` (instructions per
+statement and per checkout under callgrind, deterministic): this script's former
+``--profile``, hand copies of the statement and checkout paths, measured code that no longer
+existed.
 
-A full run takes about 2 minutes on 2 cores (about 3.5 with ``--profile``); ``--quick`` takes
+A full run takes about 2 minutes on 2 cores; ``--quick`` takes
 under 30 s and is meant as a smoke test.
 """
 
@@ -87,13 +84,11 @@ import datetime
 import gc
 import importlib.metadata
 import json
-import math
 import os
 import platform
 import statistics
 import sys
 import time
-import timeit
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +103,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, Sp
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, Sampler, SamplingResult
 from opentelemetry.trace import Link, SpanKind
 from opentelemetry.util.types import Attributes
-from sqlalchemy import Integer, bindparam, create_engine, event, text
+from sqlalchemy import Integer, bindparam, create_engine, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
@@ -776,629 +771,6 @@ def tables(result: dict[str, Any], variants: Sequence[str], clock: str) -> str:
     return "\n".join(lines)
 
 
-# -- profile ---------------------------------------------------------------------------------------
-def _noop(*args: Any, **kwargs: Any) -> None:
-    return None
-
-
-def _strip_connection_events(engine: Engine, guard: PoolGuard) -> None:
-    """Remove the guard's ConnectionEvents listeners (engine_disposed; commit and rollback on
-    SQLite) so that SQLAlchemy's ``Engine._has_events`` stays False, as it would if poolguard
-    used no ConnectionEvents hook. Only for measuring what that flag costs."""
-    for target, name, fn in list(guard._listeners):
-        if name in ("engine_disposed", "commit", "rollback"):
-            event.remove(target, name, fn)
-    engine._has_events = False
-
-
-def _passthrough_run(cursor: Any, statement: str, parameters: Any, context: Any, how: int) -> bool:
-    context.dialect.do_execute(cursor, statement, parameters, context)
-    return True
-
-
-def _passthrough_listener(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-    context.dialect.do_execute(cursor, statement, parameters, context)
-    return True
-
-
-#: Ablations: what a loop costs when one part costs nothing. "-events" = without the guard's
-#: ConnectionEvents listeners (SQLAlchemy's _has_events stays False).
-ABLATIONS: tuple[str, ...] = (
-    "bare",
-    "bare + no-op engine_disposed listener",
-    "bare + pass-through do_execute listener",
-    "guard",
-    "guard -events",
-    "guard -events -stats",
-    "guard -events -telemetry",
-    "guard -events -sqlite deadline store",
-    "guard -events -_caller()",
-    "guard -events, proposed _caller()",
-    "guard -events, stats.record without its lock",
-    "guard -events, _run = pass-through",
-)
-
-_LIBRARY_CODE: dict[Any, bool] = {}
-
-
-def _proposed_caller() -> Any:
-    """A candidate for ``poolguard.guard._caller``: the same walk, but each frame's verdict is
-    cached by code object and the location is kept raw, formatted only if ever reported."""
-    from poolguard.guard import _SKIP_MODULES
-
-    f: Any = sys._getframe(2)
-    cache = _LIBRARY_CODE
-    while f is not None:
-        code = f.f_code
-        lib = cache.get(code)
-        if lib is None:
-            lib = cache[code] = f.f_globals.get("__name__", "").startswith(_SKIP_MODULES)
-        if not lib:
-            return (code, f.f_lineno)
-        f = f.f_back
-    return "<unknown>"
-
-
-def _record_without_lock(registry: Any) -> Callable[..., None]:
-    """``StatsRegistry.record`` minus ``with row.lock``: measures what the lock costs."""
-    from poolguard.observe import stats as st
-
-    rows = registry._rows
-    log2, ceil = math.log2, math.ceil
-
-    def record(fp: Any, elapsed: float, *, error: bool = False, timeout: bool = False) -> None:
-        row = rows.get(fp.id) or registry._row(fp)
-        if st._LOWEST < elapsed <= st._TOP:
-            i = ceil(log2(elapsed) * st._STEPS_PER_DOUBLING + st._OFFSET)
-        else:
-            i = st._bucket(elapsed)
-            elapsed = st._clean(elapsed)
-        row.count += 1
-        row.total += elapsed
-        row.buckets[i] += 1
-        if elapsed > row.max:
-            row.max = elapsed
-
-    return record
-
-
-@dataclass
-class _Ablation:
-    engine: Engine
-    guard: PoolGuard | None = None
-    caller: Callable[[], Any] | None = None  # replaces poolguard.guard._caller meanwhile
-
-
-def _stub_caller() -> str:
-    return "<stub>"
-
-
-def _make_ablation(name: str, url: URL) -> _Ablation:
-    e = create_engine(url)
-    if name == "bare + no-op engine_disposed listener":
-        event.listen(e, "engine_disposed", _noop)
-    elif name == "bare + pass-through do_execute listener":
-        event.listen(e, "do_execute", _passthrough_listener)
-    if not name.startswith("guard"):
-        return _Ablation(e)
-    g = PoolGuard(e)
-    a = _Ablation(e, g)
-    if "-events" in name:
-        _strip_connection_events(e, g)
-    if name.endswith("-stats"):
-        g._stats.record = _noop  # type: ignore[method-assign]
-        g._stats.record_hold = _noop  # type: ignore[method-assign]
-    elif name.endswith("-telemetry"):
-        g.telemetry.statement = _noop  # type: ignore[method-assign]
-        g.telemetry.pool_wait = _noop  # type: ignore[method-assign]
-        g.telemetry.connection_used = _noop  # type: ignore[method-assign]
-    elif name.endswith("-sqlite deadline store"):
-        g._baseline = True  # what every dialect with a session-level default gets
-    elif name.endswith("-_caller()"):
-        a.caller = _stub_caller
-    elif name.endswith("proposed _caller()"):
-        a.caller = _proposed_caller
-    elif name.endswith("without its lock"):
-        g._stats.record = _record_without_lock(g._stats)  # type: ignore[method-assign]
-    elif name.endswith("pass-through"):
-        g._run = _passthrough_run  # type: ignore[method-assign]
-    return a
-
-
-def _ablation_loop(a: _Ablation, loop: str, n: int) -> Elapsed:
-    from poolguard import guard as guard_mod
-
-    real = guard_mod._caller
-    if a.caller is not None:
-        guard_mod._caller = a.caller
-    try:
-        if loop == "checkout":
-            e = a.engine
-            for _ in range(50):
-                with e.connect() as c:
-                    c.execute(STMT).scalar()
-            t0 = _now()
-            for _ in range(n):
-                with e.connect() as c:
-                    c.execute(STMT).scalar()
-            return _since(t0)
-        with a.engine.connect() as conn:
-            ex = conn.execute
-            for _ in range(50):
-                ex(STMT).scalar()
-            t0 = _now()
-            for _ in range(n):
-                ex(STMT).scalar()
-            t1 = _since(t0)
-            conn.commit()
-        return t1
-    finally:
-        guard_mod._caller = real
-
-
-def ablation(
-    url: URL, loops: Sequence[str], names: Sequence[str], number: dict[str, int], rounds: int
-) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
-    """Interleaved loops on engines that differ by one part; per clock, per loop, per variant:
-    us per iteration and the per-round difference from bare."""
-    made = {nm: _make_ablation(nm, url) for nm in names}
-    out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {clock: {} for clock in CLOCKS}
-    try:
-        for loop in loops:
-            n = number[loop]
-            samples = {clock: {nm: list[float]() for nm in names} for clock in CLOCKS}
-            for nm in names:
-                _ablation_loop(made[nm], loop, max(20, n // 10))
-            for r in range(rounds):
-                gc.collect()
-                gc.disable()
-                try:
-                    for nm in _rotate(list(names), r):
-                        took = _ablation_loop(made[nm], loop, n)
-                        for clock, ns in zip(CLOCKS, took, strict=True):
-                            samples[clock][nm].append(ns / n / 1000)
-                finally:
-                    gc.enable()
-            for clock in CLOCKS:
-                base = samples[clock]["bare"]
-                res: dict[str, dict[str, Any]] = {}
-                for nm in names:
-                    xs = samples[clock][nm]
-                    res[nm] = {"us": _summary(xs, 2)}
-                    if nm != "bare":
-                        res[nm]["added_us"] = _summary(
-                            [x - b for x, b in zip(xs, base, strict=True)], 2
-                        )
-                out[clock][loop] = res
-    finally:
-        for a in made.values():
-            if a.guard is not None:
-                a.guard.close()
-            a.engine.dispose()
-    return out
-
-
-def line_timing(number: int) -> dict[str, float]:
-    """In-situ timing of the pieces of ``PoolGuard._run`` on the SQLite ``stmt`` loop.
-
-    A copy of ``_run``'s default path (no quarantine, nothing fails) as of this writing, with
-    a ``perf_counter_ns`` reading between the pieces and the readings' own cost subtracted.
-    Unlike timeit's tight loops, the pieces run here amid SQLAlchemy's execution path, with
-    the caches that path leaves behind, which is what they cost an application. Run without
-    the guard's ConnectionEvents listeners so that the loop resembles the proposed fix.
-    """
-    from poolguard.core.budget import current_scope as _current_scope
-    from poolguard.guard import _CONNECTING
-    from poolguard.observe.fingerprint import fingerprint
-
-    pc = time.perf_counter_ns
-    labels = (
-        "contextvar get (budget scope)",
-        "fingerprint() cache hit",
-        "time.monotonic + quarantine.active + timeout choice",
-        "enforcer.prepare (SQLite per-statement deadline store)",
-        "2x time.time_ns around the statement (statement excluded)",
-        "stats.record",
-        "scope / quarantine checks + _held lookup (hold attribution)",
-        "telemetry.statement (API only)",
-    )
-    acc = [0] * len(labels)
-    calls = [0]
-
-    def timed_run(
-        self: PoolGuard, cursor: Any, statement: str, parameters: Any, context: Any, how: int
-    ) -> bool:
-        a0 = pc()
-        scope = _current_scope()
-        if scope is _CONNECTING:
-            return False
-        a1 = pc()
-        fp = fingerprint(statement)
-        a2 = pc()
-        now = time.monotonic()
-        q = self.quarantine
-        if q.active:
-            q.check(fp.id, now)
-        default = self.statement_timeout
-        timeout = default if scope is None else scope.admit_statement(default, now)
-        a3 = pc()
-        if timeout != default or not self._baseline:
-            statement = self.enforcer.prepare(cursor, statement, timeout, context)
-        a4 = pc()
-        dialect = context.dialect
-        t0 = time.time_ns()
-        b0 = pc()
-        dialect.do_execute(cursor, statement, parameters, context)
-        b1 = pc()
-        t1 = time.time_ns()
-        a5 = pc()
-        elapsed = (t1 - t0) / 1e9
-        self._stats.record(fp, elapsed)
-        a6 = pc()
-        if scope is not None:
-            scope.record_statement(elapsed)
-        if q.active:
-            q.record_success(fp.id, now)
-        hold = self._held.get(context._dbapi_connection._connection_record)
-        if hold is not None:
-            hold.fp = fp
-        a7 = pc()
-        self.telemetry.statement(
-            fp, t0, t1, partition=scope.partition if scope else None, timeout=timeout, error=None
-        )
-        a8 = pc()
-        for i, d in enumerate(
-            (a1 - a0, a2 - a1, a3 - a2, a4 - a3, (a5 - a4) - (b1 - b0), a6 - a5, a7 - a6, a8 - a7)
-        ):
-            acc[i] += d
-        calls[0] += 1
-        return True
-
-    e = create_engine("sqlite://")
-    g = PoolGuard(e)
-    _strip_connection_events(e, g)
-    g._run = timed_run.__get__(g)  # type: ignore[method-assign]
-    t = pc()
-    for _ in range(100_000):
-        pc()
-    per_reading = (pc() - t) / 100_000
-    try:
-        with e.connect() as conn:
-            ex = conn.execute
-            for _ in range(1000):
-                ex(STMT).scalar()
-            acc[:] = [0] * len(acc)
-            calls[0] = 0
-            gc.disable()
-            try:
-                for _ in range(number):
-                    ex(STMT).scalar()
-            finally:
-                gc.enable()
-    finally:
-        g.close()
-        e.dispose()
-    n = calls[0]
-    out = {
-        lb: round(max(0.0, v / n - per_reading) / 1000, 3)
-        for lb, v in zip(labels, acc, strict=True)
-    }
-    # The fifth piece took two extra readings (around the statement).
-    key = labels[4]
-    out[key] = round(max(0.0, out[key] - per_reading / 1000), 3)
-    out["sum"] = round(sum(v for k, v in out.items() if k != "sum"), 3)
-    return out
-
-
-def checkout_line_timing(number: int) -> dict[str, float]:
-    """In-situ timing of the pieces of the checkout path (``PoolGuard._checkout`` and the
-    ``checkin`` listener) on the SQLite ``checkout`` loop, without the guard's
-    ConnectionEvents listeners.
-
-    Like :func:`line_timing`, a copy of the default path (no budget scope, a free slot, a
-    connection already prepared) as of this writing, with the readings' own cost subtracted.
-    """
-    from poolguard import guard as guard_mod
-    from poolguard.core.budget import _current as scope_var
-    from poolguard.core.budget import current_scope
-    from poolguard.policy.gate import DEFAULT_PARTITION
-
-    pc = time.perf_counter_ns
-    acc: dict[str, float] = {}
-
-    def add(label: str, ns: float) -> None:
-        acc[label] = acc.get(label, 0) + ns
-
-    def timed_checkout(self: PoolGuard, original: Callable[[], Any]) -> Any:
-        a0 = pc()
-        scope = current_scope()
-        partition, rank = DEFAULT_PARTITION, 1
-        a1 = pc()
-        ticket = self.gate.try_acquire(partition, rank)
-        assert ticket is not None
-        a2 = pc()
-        now = time.monotonic()
-        self.shedder.observe(0.0, now)
-        a3 = pc()
-        t = time.time_ns()
-        self.telemetry.pool_wait(
-            t, t, partition=partition, priority=guard_mod._PRIORITY_NAME[rank], acquired=True
-        )
-        a4 = pc()
-        token = scope_var.set(guard_mod._CONNECTING)
-        try:
-            b0 = pc()
-            fairy = original()
-            b1 = pc()
-        finally:
-            scope_var.reset(token)
-        a5 = pc()
-        where = guard_mod._caller()
-        a6 = pc()
-        self._held[fairy._connection_record] = guard_mod._Hold(
-            ticket, scope, ticket.acquired_at, where
-        )
-        info = fairy.info
-        if info.get(guard_mod._READY) is not self._token:
-            self._prepare_connection(fairy, info, now)
-        a7 = pc()
-        add("checkout: contextvar get (budget scope)", a1 - a0)
-        add("checkout: gate.try_acquire", a2 - a1)
-        add("checkout: time.monotonic + shedder.observe", a3 - a2)
-        add("checkout: time.time_ns + telemetry.pool_wait (API only)", a4 - a3)
-        add("checkout: _CONNECTING contextvar set + reset", (a5 - a4) - (b1 - b0) - 2 * per)
-        add("checkout: _caller() (where the checkout began)", a6 - a5)
-        add("checkout: _Hold + _held[record] + prepared check", a7 - a6)
-        add("(SQLAlchemy's own pool.connect, for scale)", b1 - b0)
-        add("n", 1)
-        return fairy
-
-    def timed_checkin(self: PoolGuard, dbapi_connection: Any, record: Any) -> None:
-        a0 = pc()
-        hold = self._held.pop(record, None)
-        a1 = pc()
-        assert hold is not None
-        self.gate.release(hold.ticket)
-        a2 = pc()
-        used = time.monotonic() - hold.since
-        self.telemetry.connection_used(used)
-        a3 = pc()
-        if hold.fp is not None:
-            self._stats.record_hold(hold.fp, used)
-        a4 = pc()
-        if self.enforcer.tracks_transactions:
-            self.enforcer.on_transaction_end(record.info)
-        a5 = pc()
-        add("checkin: _held.pop", a1 - a0)
-        add("checkin: gate.release", a2 - a1)
-        add("checkin: time.monotonic + telemetry.connection_used (API only)", a3 - a2)
-        add("checkin: stats.record_hold (hold attribution)", a4 - a3)
-        add("checkin: enforcer.on_transaction_end (SQLite)", a5 - a4)
-
-    e = create_engine("sqlite://")
-    g = PoolGuard(e)
-    _strip_connection_events(e, g)
-    g._checkout = timed_checkout.__get__(g)  # type: ignore[method-assign]
-    for target, name, fn in list(g._listeners):
-        if name == "checkin":
-            event.remove(target, name, fn)
-            event.listen(target, name, timed_checkin.__get__(g))
-    t = pc()
-    for _ in range(100_000):
-        pc()
-    per = (pc() - t) / 100_000
-    try:
-        for _ in range(500):
-            with e.connect() as c:
-                c.execute(STMT).scalar()
-        acc.clear()
-        gc.disable()
-        try:
-            for _ in range(number):
-                with e.connect() as c:
-                    c.execute(STMT).scalar()
-        finally:
-            gc.enable()
-    finally:
-        g.close()
-        e.dispose()
-    n = acc.pop("n")
-    out = {k: round(max(0.0, v / n - per) / 1000, 3) for k, v in acc.items()}
-    out["sum (poolguard's pieces)"] = round(
-        sum(v for k, v in out.items() if not k.startswith("(")), 3
-    )
-    return out
-
-
-def _per_call_us(stmt: str, env: dict[str, Any], number: int, empty: float = 0.0) -> float:
-    """Best of 5 timeit runs, in us per call, minus ``empty`` (the loop's own cost, us)."""
-    best = min(timeit.Timer(stmt, globals=env).repeat(repeat=5, number=number)) / number
-    return max(0.0, best * 1e6 - empty)
-
-
-@contextlib.contextmanager
-def _capture(engine: Engine) -> Iterator[dict[str, Any]]:
-    """The real (statement, parameters, context) poolguard's listener gets."""
-    got: dict[str, Any] = {}
-
-    def grab(cursor: Any, statement: str, parameters: Any, context: Any) -> bool:
-        got.update(statement=statement, parameters=parameters, context=context)
-        return False  # let the guard's listener run it
-
-    event.listen(engine, "do_execute", grab)
-    try:
-        yield got
-    finally:
-        event.remove(engine, "do_execute", grab)
-
-
-def isolated_pieces(number: int, otel: Otel) -> dict[str, float]:
-    """Each piece alone in timeit's tight loop: lower bounds (hot caches, no neighbours)."""
-    from poolguard.core.budget import current_scope
-    from poolguard.observe.fingerprint import fingerprint
-
-    e = create_engine("sqlite://")
-    with _capture(e) as got:  # registered before the guard's listener, so it runs first
-        g = PoolGuard(e, hold_timeout=3600)  # the connection stays out for the whole section
-        conn = e.connect()
-        conn.execute(STMT).scalar()
-    statement, params, context = got["statement"], got["parameters"], got["context"]
-    dbapi = conn.connection.dbapi_connection
-    assert dbapi is not None
-    cursor = dbapi.cursor()  # the statement's own cursor is closed by now
-    sdk_engine = create_engine("sqlite://")
-    sdk_guard = PoolGuard(
-        sdk_engine, tracer_provider=otel.tp_on, meter_provider=otel.meter_provider
-    )
-    env: dict[str, Any] = {
-        "g": g,
-        "fp": fingerprint(statement),
-        "fingerprint": fingerprint,
-        "current_scope": current_scope,
-        "statement": statement,
-        "cursor": cursor,
-        "params": params,
-        "context": context,
-        "time": time,
-        "dialect": context.dialect,
-        "sdk_tel": sdk_guard.telemetry,
-        "gate": g.gate,
-        "t0": time.time_ns(),
-    }
-    pieces: dict[str, float] = {}
-    empty = _per_call_us("pass", env, number)
-
-    def piece(label: str, stmt: str, n: int = number) -> None:
-        pieces[label] = round(_per_call_us(stmt, env, n, empty), 3)
-
-    try:
-        piece("fingerprint(statement): cache hit", "fingerprint(statement)")
-        piece("current_scope(): contextvar get, no scope", "current_scope()")
-        piece("time.monotonic()", "time.monotonic()")
-        piece("time.time_ns() x2", "time.time_ns(); time.time_ns()")
-        piece("quarantine.active read (nothing quarantined)", "g.quarantine.active")
-        piece(
-            "enforcer.prepare (SQLite: every statement)",
-            "g.enforcer.prepare(cursor, statement, 5.0, context)",
-        )
-        piece("stats.record(fp, elapsed)", "g._stats.record(fp, 2e-6)")
-        piece(
-            "_held.get(context._dbapi_connection._connection_record)",
-            "g._held.get(context._dbapi_connection._connection_record)",
-        )
-        piece(
-            "telemetry.statement, API only",
-            "g.telemetry.statement(fp, t0, t0, partition=None, timeout=5.0, error=None)",
-        )
-        piece(
-            "telemetry.statement, SDK, no recording parent",
-            "sdk_tel.statement(fp, t0, t0, partition=None, timeout=5.0, error=None)",
-        )
-        parent = otel.tp_on.get_tracer("bench").start_span("profile parent")
-        with trace.use_span(parent, end_on_exit=True):
-            piece(
-                "telemetry.statement, SDK, recording parent (one span)",
-                "sdk_tel.statement(fp, t0, t0, partition=None, timeout=5.0, error=None)",
-                max(1000, number // 20),
-            )
-        with g.budget(deadline=60) as scope:
-            env["scope"] = scope
-            piece("budget: scope.admit_statement", "scope.admit_statement(5.0, 1.0)")
-            piece("budget: scope.record_statement", "scope.record_statement(2e-6)")
-        piece(
-            "dialect.do_execute alone (the statement itself)",
-            "dialect.do_execute(cursor, statement, params, context)",
-        )
-        piece(
-            "PoolGuard._run (incl. the statement)", "g._run(cursor, statement, params, context, 0)"
-        )
-        pieces["PoolGuard._run own cost (= _run - do_execute alone)"] = round(
-            pieces["PoolGuard._run (incl. the statement)"]
-            - pieces["dialect.do_execute alone (the statement itself)"],
-            3,
-        )
-        piece(
-            "checkout: gate.try_acquire + gate.release",
-            "gate.release(gate.try_acquire('default', 1))",
-        )
-        piece(
-            "checkout: telemetry.pool_wait fast path, API only",
-            "g.telemetry.pool_wait(t0, t0, partition='default', priority='normal', acquired=True)",
-        )
-        piece(
-            "checkout: telemetry.pool_wait fast path, SDK",
-            "sdk_tel.pool_wait(t0, t0, partition='default', priority='normal', acquired=True)",
-        )
-        piece("checkin: telemetry.connection_used, API only", "g.telemetry.connection_used(1e-4)")
-        piece("checkin: telemetry.connection_used, SDK", "sdk_tel.connection_used(1e-4)")
-        piece("checkin: stats.record_hold", "g._stats.record_hold(fp, 1e-4)")
-    finally:
-        cursor.close()
-        conn.close()
-        g.close()
-        sdk_guard.close()
-        e.dispose()
-        sdk_engine.dispose()
-    return pieces
-
-
-def profile_hot_path(
-    quick: bool, pg_url: URL | None, otel: Otel, log: Callable[[str], None]
-) -> dict[str, Any]:
-    """Take the statement and checkout paths apart (SQLite in memory unless noted)."""
-    out: dict[str, Any] = {}
-    log("profile: isolated pieces")
-    out["isolated_pieces_us"] = isolated_pieces(20_000 if quick else 100_000, otel)
-    log("profile: line timing of _run and of the checkout path in situ")
-    out["line_timing_us"] = line_timing(5_000 if quick else 50_000)
-    out["checkout_line_timing_us"] = checkout_line_timing(2_000 if quick else 20_000)
-    log("profile: ablation, SQLite")
-    out["ablation_sqlite"] = ablation(
-        make_url("sqlite://"),
-        ("stmt", "checkout"),
-        ABLATIONS,
-        {"stmt": 500 if quick else 3000, "checkout": 200 if quick else 1500},
-        3 if quick else 15,
-    )
-    if pg_url is not None:
-        log("profile: ablation, PostgreSQL (psycopg)")
-        out["ablation_pg"] = ablation(
-            pg_url.set(drivername="postgresql+psycopg"),
-            ("stmt", "checkout"),
-            ("bare", "bare + no-op engine_disposed listener", "guard", "guard -events"),
-            {"stmt": 100 if quick else 600, "checkout": 50 if quick else 250},
-            3 if quick else 15,
-        )
-    return out
-
-
-def profile_text(p: dict[str, Any]) -> str:
-    lines = ["Pieces in isolation (timeit, best of 5, µs per call; lower bounds):"]
-    for k, v in p["isolated_pieces_us"].items():
-        lines.append(f"  {v:7.3f}  {k}")
-    lines.append("PoolGuard._run pieces in situ (SQLite stmt loop, µs per statement):")
-    for k, v in p["line_timing_us"].items():
-        lines.append(f"  {v:7.3f}  {k}")
-    lines.append("Checkout path pieces in situ (SQLite checkout loop, µs per checkout):")
-    for k, v in p["checkout_line_timing_us"].items():
-        lines.append(f"  {v:7.3f}  {k}")
-    for key in ("ablation_sqlite", "ablation_pg"):
-        if key not in p:
-            continue
-        for loop in p[key]["wall"]:
-            lines.append(
-                f"{key}, {loop} loop: µs per iteration; added over bare, wall and CPU "
-                "(median [p25, p75] of per-round differences):"
-            )
-            wall, cpu = p[key]["wall"][loop], p[key]["cpu"][loop]
-            for nm, v in wall.items():
-                lines.append(
-                    f"  {_fmt(v['us'], 2):>26}  {_fmt(v.get('added_us'), 2):>26}  "
-                    f"{_fmt(cpu[nm].get('added_us'), 2):>26}  {nm}"
-                )
-    return "\n".join(lines)
-
-
 # -- main -----------------------------------------------------------------------------------------
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
@@ -1451,9 +823,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "with a warning when the server is unreachable)",
     )
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument(
-        "--profile", action="store_true", help="also take poolguard's hot path apart"
-    )
     args = parser.parse_args(argv)
 
     runs: int = args.runs if args.runs is not None else (3 if args.quick else 7)
@@ -1506,9 +875,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if counted == 0:
                     raise RuntimeError(f"{s.kind}/{s.variant}: the guard saw no statement")
         results = {clock: analyse(per_run[clock], sizes, per_run["wall"]) for clock in CLOCKS}
-        profile: dict[str, Any] | None = None
-        if args.profile:
-            profile = profile_hot_path(args.quick, pg_url if "pg" in kinds else None, otel, log)
     finally:
         for s in bench.subjects.values():
             close_subject(s, aloop)
@@ -1519,9 +885,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     for clock in CLOCKS:
         print(tables(results[clock], variants, clock))
         print()
-    if profile is not None:
-        print()
-        print(profile_text(profile))
     print(
         f"\n{elapsed:.0f} s; load average before {load_before[0]:.2f}, "
         f"after {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs"
@@ -1561,8 +924,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             },
             **results,
         }
-        if profile is not None:
-            doc["profile"] = profile
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
         log(f"wrote {args.json}")
