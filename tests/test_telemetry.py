@@ -38,15 +38,13 @@ from sqlalchemy import exc as sa_exc
 
 import poolguard
 from poolguard.errors import PoolSaturated, QueryQuarantined, QueryTimeout
+from poolguard.observe.semconv import error_type, response_status_code, safe_message
 from poolguard.observe.telemetry import (
     SCHEMA_URL,
     PoolState,
     Telemetry,
     db_system_name,
-    error_type,
     instrumented_by_opentelemetry,
-    response_status_code,
-    safe_message,
 )
 
 POOL = "db.example:5432/app"

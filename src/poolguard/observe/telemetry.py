@@ -29,30 +29,70 @@ Three rules shape this module:
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Literal
 
 from opentelemetry import metrics, trace
-from opentelemetry.metrics import CallbackOptions, Histogram, Meter, NoOpMeter, Observation
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.metrics import _internal as _metrics_state
-from opentelemetry.trace import NoOpTracer, ProxyTracer, SpanKind, Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from poolguard import __version__
-from poolguard.errors import PoolGuardError, QueryTimeout
+from poolguard.errors import QueryTimeout
+from poolguard.observe.instruments import create_instruments
+from poolguard.observe.recording import (
+    METER_PROVIDER,
+    NEVER,
+    NOW,
+    TRACER_PROVIDER,
+    WATCH,
+    meter_state,
+    tracer_state,
+)
+from poolguard.observe.semconv import (
+    DB_CONNECTION_STATE,
+    DB_OPERATION_NAME,
+    DB_POOL_NAME,
+    DB_QUERY_SUMMARY,
+    DB_QUERY_TEXT,
+    DB_RESPONSE_STATUS_CODE,
+    DB_SYSTEM_NAME,
+    DB_SYSTEM_NAMES,
+    ERROR_TYPE,
+    EXCEPTION_MESSAGE,
+    EXCEPTION_TYPE,
+    PG_FINGERPRINT,
+    PG_OUTCOME,
+    PG_PARTITION,
+    PG_PRIORITY,
+    PG_REFUSAL_KIND,
+    PG_SHED_REASON,
+    PG_TIMEOUT,
+    PG_TRANSITION,
+    SCHEMA_URL,
+    SCOPE_NAME,
+    SEMCONV_VERSION,
+    WAIT_SPAN_THRESHOLD_NS,
+    db_system_name,
+    error_type,
+    instrumented_by_opentelemetry,
+    qualified_name,
+    response_status_code,
+    safe_message,
+)
+from poolguard.observe.shapes import FingerprintLike, PoolState, TransitionLike
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
     from opentelemetry.trace import TracerProvider
     from opentelemetry.util.types import AttributeValue
-    from sqlalchemy.engine import Dialect, Engine
-    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
+    "METER_PROVIDER",
     "SCHEMA_URL",
     "SEMCONV_VERSION",
+    "TRACER_PROVIDER",
     "FingerprintLike",
     "PoolState",
     "Telemetry",
@@ -61,129 +101,10 @@ __all__ = [
     "instrumented_by_opentelemetry",
 ]
 
-#: The semantic-conventions release followed here (and announced as the scope's schema URL).
-SEMCONV_VERSION = "1.44.0"
-SCHEMA_URL = f"https://opentelemetry.io/schemas/{SEMCONV_VERSION}"
-SCOPE_NAME = "poolguard"
-
-# -- attribute keys (semantic conventions) ------------------------------------------------------
-DB_SYSTEM_NAME = "db.system.name"
-DB_OPERATION_NAME = "db.operation.name"
-DB_QUERY_SUMMARY = "db.query.summary"
-DB_QUERY_TEXT = "db.query.text"
-DB_RESPONSE_STATUS_CODE = "db.response.status_code"
-DB_POOL_NAME = "db.client.connection.pool.name"
-DB_CONNECTION_STATE = "db.client.connection.state"
-ERROR_TYPE = "error.type"
-EXCEPTION_TYPE = "exception.type"
-EXCEPTION_MESSAGE = "exception.message"
-# -- attribute keys (poolguard) -------------------------------------------------------------------
-PG_FINGERPRINT = "poolguard.fingerprint"
-PG_PARTITION = "poolguard.partition"
-PG_PRIORITY = "poolguard.priority"
-PG_TIMEOUT = "poolguard.timeout"
-PG_OUTCOME = "poolguard.outcome"
-PG_REFUSAL_KIND = "poolguard.refusal.kind"
-PG_SHED_REASON = "poolguard.shed.reason"
-PG_TRANSITION = "poolguard.quarantine.transition"
-
-#: A pool wait shorter than this is the fast path (a free slot): it gets no span.
-WAIT_SPAN_THRESHOLD_NS = 500_000
-
-# Bucket advice. The convention gives boundaries for db.client.operation.duration; the SDK's
-# default boundaries (0 .. 10000) were made for milliseconds and would put every wait measured
-# in seconds into the first bucket, so the pool histograms get second-scale advice too.
-_OPERATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
-_WAIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-_CREATE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-_USE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0)
-
-# Dialect names that differ from the convention's well-known db.system.name values.
-_DB_SYSTEM_NAMES = {
-    "mssql": "microsoft.sql_server",
-    "oracle": "oracle.db",
-    "postgres": "postgresql",
-}
-# A database status code is kept only if it looks like a code (SQLSTATE, SQLITE_*, a number):
-# it must never become a channel for a message.
-_STATUS_CODE = re.compile(r"[A-Z0-9_]{1,40}")
-
 _OFF, _ALL, _SLOW = 0, 1, 2
 _MODES = {"off": _OFF, "all": _ALL, "slow": _SLOW}
 
 _get_current_span = trace.get_current_span
-
-# Whether a tracer or meter records: never (a no-op one), once a global provider is set (the
-# API's proxies, for which the API keeps the global in module state), or now.
-_NEVER, _WATCH, _NOW = 0, 1, 2
-#: The names under which the API's modules keep the global providers (None until set).
-TRACER_PROVIDER = "_TRACER_PROVIDER"
-METER_PROVIDER = "_METER_PROVIDER"
-#: An API without them: every proxy counts as recording, as before this check existed.
-_CAN_WATCH = hasattr(trace, TRACER_PROVIDER) and hasattr(_metrics_state, METER_PROVIDER)
-
-
-def _tracer_state(tracer: object) -> int:
-    if isinstance(tracer, NoOpTracer):
-        return _NEVER
-    if isinstance(tracer, ProxyTracer) and _CAN_WATCH and trace._TRACER_PROVIDER is None:
-        return _WATCH
-    return _NOW
-
-
-def _meter_state(meter: object) -> int:
-    if isinstance(meter, NoOpMeter):
-        return _NEVER
-    if (
-        type(meter).__name__ == "_ProxyMeter"
-        and _CAN_WATCH
-        and _metrics_state._METER_PROVIDER is None
-    ):
-        return _WATCH
-    return _NOW
-
-
-class FingerprintLike(Protocol):
-    """What telemetry reads from a :class:`poolguard.fingerprint.Fingerprint`.
-
-    A structural type so that this module depends on no other poolguard module but the errors.
-    """
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def normalized(self) -> str: ...
-    @property
-    def summary(self) -> str: ...
-    @property
-    def operation(self) -> str | None: ...
-
-
-class TransitionLike(Protocol):
-    """What telemetry reads from a :class:`poolguard.quarantine.Transition`."""
-
-    @property
-    def kind(self) -> str: ...
-    @property
-    def fingerprint(self) -> str: ...
-    @property
-    def summary(self) -> str: ...
-    @property
-    def cooldown(self) -> float: ...
-    @property
-    def timeouts(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class PoolState:
-    """The pool as the gauges report it, read at collection time (never on the hot path)."""
-
-    idle: int
-    used: int
-    max: int
-    idle_max: int
-    idle_min: int
-    pending: int
 
 
 class Telemetry:
@@ -234,7 +155,7 @@ class Telemetry:
                 f"got {slow_statement_threshold!r}"
             )
         self.pool_name = pool_name
-        self.db_system = _DB_SYSTEM_NAMES.get(db_system, db_system)
+        self.db_system = DB_SYSTEM_NAMES.get(db_system, db_system)
         self.trace_statements = trace_statements
         self.slow_statement_threshold = float(slow_statement_threshold)
         self.statement_spans = bool(statement_spans)
@@ -252,8 +173,8 @@ class Telemetry:
             SCOPE_NAME, __version__, tracer_provider, schema_url=SCHEMA_URL
         )
         meter = metrics.get_meter(SCOPE_NAME, __version__, meter_provider, schema_url=SCHEMA_URL)
-        self._tracing = _tracer_state(self._tracer)
-        self._metering = _meter_state(meter)
+        self._tracing = tracer_state(self._tracer)
+        self._metering = meter_state(meter)
         #: Attributes of the zero-wait histogram point, per (partition, priority).
         self._no_wait_attrs: dict[tuple[str, str], dict[str, AttributeValue]] = {}
         self.live = self.metered = self.traced = False
@@ -264,118 +185,41 @@ class Telemetry:
         self.metrics_api: dict[str, object] = vars(_metrics_state)
         self._refresh()
 
-        # -- semantic-convention instruments ---------------------------------------------------
-        self._wait_time = _histogram(
+        m = create_instruments(
             meter,
-            "db.client.connection.wait_time",
-            "s",
-            "The time it took to obtain an open connection from the pool.",
-            _WAIT_BUCKETS,
+            operation_metrics=operation_metrics,
+            observe_count=self._observe_count,
+            gauge=self._gauge,
         )
-        self._create_time = _histogram(
-            meter,
-            "db.client.connection.create_time",
-            "s",
-            "The time it took to create a new connection.",
-            _CREATE_BUCKETS,
-        )
-        self._use_time = _histogram(
-            meter,
-            "db.client.connection.use_time",
-            "s",
-            "The time between borrowing a connection and returning it to the pool.",
-            _USE_BUCKETS,
-        )
-        self._conn_timeouts = meter.create_counter(
-            "db.client.connection.timeouts",
-            unit="{timeout}",
-            description="The number of connection timeouts that have occurred trying to "
-            "obtain a connection from the pool.",
-        )
-        self._op_duration: Histogram | None = None
-        if operation_metrics:
-            self._op_duration = _histogram(
-                meter,
-                "db.client.operation.duration",
-                "s",
-                "Duration of database client operations.",
-                _OPERATION_BUCKETS,
-            )
-        # The conventions make these UpDownCounters; values read from the pool are observed,
-        # so they are the asynchronous kind, read by the SDK at collection time.
-        meter.create_observable_up_down_counter(
-            "db.client.connection.count",
-            callbacks=[self._observe_count],
-            unit="{connection}",
-            description="The number of connections that are currently in state described by "
-            "the `state` attribute.",
-        )
-        gauges: tuple[tuple[str, str, str, Callable[[PoolState], int]], ...] = (
-            ("max", "{connection}", "The maximum number of open connections allowed.",
-             lambda st: st.max),
-            ("idle.max", "{connection}", "The maximum number of idle open connections allowed.",
-             lambda st: st.idle_max),
-            ("idle.min", "{connection}", "The minimum number of idle open connections allowed.",
-             lambda st: st.idle_min),
-            ("pending_requests", "{request}",
-             "The number of current pending requests for an open connection.",
-             lambda st: st.pending),
-        )  # fmt: skip
-        for suffix, unit, description, read in gauges:
-            meter.create_observable_up_down_counter(
-                f"db.client.connection.{suffix}",
-                callbacks=[self._gauge(read)],
-                unit=unit,
-                description=description,
-            )
-
-        # -- poolguard's own ---------------------------------------------------------------------
-        self._refusals = meter.create_counter(
-            "poolguard.refusals",
-            unit="{refusal}",
-            description="Work poolguard refused, by kind (saturated, timeout, quarantined, "
-            "budget, shed, leak).",
-        )
-        self._shed = meter.create_counter(
-            "poolguard.shed",
-            unit="{request}",
-            description="Requests shed before their handler ran.",
-        )
-        self._stmt_timeouts = meter.create_counter(
-            "poolguard.statement.timeouts",
-            unit="{timeout}",
-            description="Statements stopped by their time-out.",
-        )
-        self._transitions = meter.create_counter(
-            "poolguard.quarantine.transitions",
-            unit="{transition}",
-            description="Quarantine circuit-breaker transitions of a statement fingerprint.",
-        )
+        self._wait_time, self._create_time, self._use_time = m.wait_time, m.create_time, m.use_time
+        self._conn_timeouts, self._op_duration = m.conn_timeouts, m.op_duration
+        self._refusals, self._shed = m.refusals, m.shed
+        self._stmt_timeouts, self._transitions = m.stmt_timeouts, m.transitions
 
     # -- whether anything records ----------------------------------------------------------------
     def _refresh(self) -> None:
-        self.traced = self._tracing == _NOW
-        self.metered = self._metering == _NOW
+        self.traced = self._tracing == NOW
+        self.metered = self._metering == NOW
         #: :meth:`statement` may record something: a span (in a mode that keeps some), or
         #: the operation histogram (asked for, and a meter that records or may soon).
         self.live = (self.traced and self._mode != _OFF) or (
-            self.operation_metrics and self._metering != _NEVER
+            self.operation_metrics and self._metering != NEVER
         )
         #: Statement spans wait for a global TracerProvider (``trace_api[TRACER_PROVIDER]``).
-        self.spans_pending = self._tracing == _WATCH and self._mode != _OFF
+        self.spans_pending = self._tracing == WATCH and self._mode != _OFF
         #: Pool metrics wait for a global MeterProvider (``metrics_api[METER_PROVIDER]``).
-        self.meter_pending = self._metering == _WATCH
+        self.meter_pending = self._metering == WATCH
 
     def went_live(self) -> bool:
         """Whether a global provider a proxy waited for was set since the last look; then
         :attr:`live`, :attr:`traced` and :attr:`metered` are brought up to date. Reads the
         API's module state, nothing else; at most twice True in a process's life."""
         changed = False
-        if self._tracing == _WATCH and trace._TRACER_PROVIDER is not None:
-            self._tracing = _NOW
+        if self._tracing == WATCH and trace._TRACER_PROVIDER is not None:
+            self._tracing = NOW
             changed = True
-        if self._metering == _WATCH and _metrics_state._METER_PROVIDER is not None:
-            self._metering = _NOW
+        if self._metering == WATCH and _metrics_state._METER_PROVIDER is not None:
+            self._metering = NOW
             changed = True
         if changed:
             self._refresh()
@@ -653,122 +497,3 @@ class Telemetry:
 
 
 # -- literal-free views of exceptions ------------------------------------------------------------
-def qualified_name(cls: type) -> str:
-    """``module.QualName`` of a class; builtins by their bare name (``TimeoutError``)."""
-    module = getattr(cls, "__module__", None)
-    name = getattr(cls, "__qualname__", cls.__name__)
-    if not module or module == "builtins":
-        return str(name)
-    return f"{module}.{name}"
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    # SQLAlchemy wraps the driver's exception in a generic DBAPIError; the conventions prefer
-    # the original. poolguard's own errors are the most relevant type and are kept as they are.
-    if isinstance(exc, PoolGuardError):
-        return exc
-    orig = getattr(exc, "orig", None)
-    if isinstance(orig, BaseException) and _is_sqlalchemy_wrapper(exc):
-        return orig
-    return exc
-
-
-def _is_sqlalchemy_wrapper(exc: BaseException) -> bool:
-    return type(exc).__module__.startswith("sqlalchemy.")
-
-
-def error_type(exc: BaseException) -> str:
-    """The ``error.type`` of an exception: the qualified class name of the most relevant one."""
-    return qualified_name(type(_unwrap(exc)))
-
-
-def safe_message(exc: BaseException) -> str:
-    """A message that cannot carry a literal.
-
-    poolguard's own errors are built from fingerprints, summaries and numbers, so their text
-    is kept; any other exception is described by its class name only.
-    """
-    if isinstance(exc, PoolGuardError):
-        try:
-            return str(exc)
-        except Exception:  # a broken __str__ must not break reporting
-            return type(exc).__name__
-    return type(_unwrap(exc)).__name__
-
-
-def response_status_code(exc: BaseException) -> str | None:
-    """The database's status code (SQLSTATE, MySQL error number, SQLite error name), if any."""
-    orig = _unwrap(exc)
-    for attr in ("sqlstate", "pgcode", "sqlite_errorname"):
-        value = getattr(orig, attr, None)
-        if isinstance(value, str) and _STATUS_CODE.fullmatch(value):
-            return value
-    args = getattr(orig, "args", ())
-    if (
-        type(orig).__module__.split(".")[0] in ("pymysql", "MySQLdb", "aiomysql", "mysql")
-        and args
-        and type(args[0]) is int
-    ):
-        return str(args[0])
-    return None
-
-
-def db_system_name(dialect: Dialect) -> str:
-    """The convention's ``db.system.name`` for a SQLAlchemy dialect (MariaDB told from MySQL)."""
-    if getattr(dialect, "is_mariadb", False):
-        return "mariadb"
-    return _DB_SYSTEM_NAMES.get(dialect.name, dialect.name)
-
-
-def _histogram(
-    meter: Meter, name: str, unit: str, description: str, buckets: tuple[float, ...]
-) -> Histogram:
-    try:
-        return meter.create_histogram(
-            name,
-            unit=unit,
-            description=description,
-            explicit_bucket_boundaries_advisory=buckets,
-        )
-    except TypeError:  # pragma: no cover - opentelemetry-api < 1.23 has no bucket advice
-        return meter.create_histogram(name, unit=unit, description=description)
-
-
-# -- opentelemetry-instrumentation-sqlalchemy ----------------------------------------------------
-_OTEL_SQLALCHEMY = "opentelemetry.instrumentation.sqlalchemy"
-
-
-def instrumented_by_opentelemetry(engine: Engine | AsyncEngine) -> bool:
-    """True when opentelemetry-instrumentation-sqlalchemy traces this engine's statements.
-
-    That package registers a ``before_cursor_execute`` listener (a method of its
-    ``EngineTracer``) on each engine it instruments, either on the engine itself
-    (``instrument(engine=...)``) or on every engine created after a global ``instrument()``.
-    Pass ``statement_spans=not instrumented_by_opentelemetry(engine)`` so that no statement is
-    traced twice. Nothing of that package is imported.
-    """
-    target = cast("Engine", getattr(engine, "sync_engine", engine))
-    return any(_from_otel(fn) for fn in target.dispatch.before_cursor_execute)
-
-
-def _from_otel(fn: object, depth: int = 0) -> bool:
-    if depth > 3:
-        return False
-    candidates: list[object] = [fn, getattr(fn, "__func__", None)]
-    owner = getattr(fn, "__self__", None)
-    if owner is not None:
-        candidates.append(type(owner))
-    for c in candidates:
-        module = getattr(c, "__module__", None)
-        if isinstance(module, str) and (
-            module == _OTEL_SQLALCHEMY or module.startswith(_OTEL_SQLALCHEMY + ".")
-        ):
-            return True
-    # Listeners SQLAlchemy adapts (legacy signatures, retval wrappers) close over the original.
-    inner = [getattr(fn, "__wrapped__", None)]
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            inner.append(cell.cell_contents)
-        except ValueError:  # an empty cell
-            continue
-    return any(callable(x) and _from_otel(x, depth + 1) for x in inner)
