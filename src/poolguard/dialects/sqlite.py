@@ -60,19 +60,26 @@ UNENFORCED = "none"
 log = logging.getLogger("poolguard")
 
 
+_UNDECIDED = object()
+_monotonic = time.monotonic
+
+
 class _Deadline:
     """The per-connection cell the progress handler reads; ``at`` is a monotonic deadline.
     ``busy_ms`` is the connection's busy timeout as last set (None: the driver's own);
     ``lock_ms`` the lock wait it allows a statement at its longest (None: left alone);
     ``configured_ms`` the busy timeout the connection had before poolguard touched it."""
 
-    __slots__ = ("at", "busy_ms", "configured_ms", "lock_ms")
+    __slots__ = ("at", "busy_for", "busy_ms", "configured_ms", "lock_ms")
 
     def __init__(self) -> None:
         self.at: float | None = None
         self.busy_ms: int | None = None
         self.lock_ms: int | None = None
         self.configured_ms: int | None = None
+        #: The time-out object ``busy_ms`` was last decided for: statements at the guard's
+        #: default pass the same float, so the steady state skips the decision.
+        self.busy_for: object = _UNDECIDED
 
     def __call__(self) -> int:
         at = self.at
@@ -111,6 +118,7 @@ class SQLiteEnforcer(Enforcer):
         if not isinstance(cell, _Deadline):
             cell = _Deadline()
         cell.at = None
+        cell.busy_for = _UNDECIDED
         raw: Any = dbapi_connection
         if not _install_progress_handler(raw, cell):
             self._unenforced(raw)
@@ -163,7 +171,10 @@ class SQLiteEnforcer(Enforcer):
     ) -> str:
         cell = info.get(_CELL_KEY)
         if cell is not None:
-            cell.at = None if timeout is None else time.monotonic() + timeout
+            cell.at = None if timeout is None else _monotonic() + timeout
+            if timeout is cell.busy_for:
+                return statement
+            cell.busy_for = timeout
             busy = _busy_ms(cell.lock_ms, timeout)
             have = cell.busy_ms
             # Inside [busy - slack, busy] the value already set serves: a shrinking deadline
