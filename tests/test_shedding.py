@@ -299,3 +299,23 @@ def test_level_follows_the_time_since_the_queue_last_drained(
             else:
                 expected = 2 if standing_for >= INTERVAL * (1 + ESCALATE_INTERVALS) else 1
             assert s.level(probe_at) == expected
+
+
+def test_a_long_queue_that_drains_within_the_bound_is_a_healthy_burst() -> None:
+    """With the checkout bound given (as the guard does), a queue as long as the pool is
+    refused only when it would keep the request past that bound (a count alone refused
+    healthy bursts on a pool that drains 1,000 checkouts a second)."""
+    s = CoDelShedder(target=0.005, interval=0.1)
+    normal = PRIORITY_RANK["normal"]
+    fast = s.decide(normal, 0.0, waiting=20, capacity=15, drain_rate=1000.0, wait_bound=1.0)
+    assert fast.admit
+    slow = s.decide(normal, 0.0, waiting=20, capacity=15, drain_rate=10.0, wait_bound=1.0)
+    assert not slow.admit and slow.reason == "no_capacity"
+    stuck = s.decide(normal, 0.0, waiting=20, capacity=15, drain_rate=0.0, wait_bound=1.0)
+    assert not stuck.admit and stuck.reason == "no_capacity"
+    # Sheddable work gives up at half the queue and half the bound: 8 waiting at 10/s is
+    # 0.8 s, past its 0.5 s.
+    shed = s.decide(
+        PRIORITY_RANK["sheddable"], 0.0, waiting=8, capacity=15, drain_rate=10.0, wait_bound=1.0
+    )
+    assert not shed.admit

@@ -186,6 +186,7 @@ class PoolGuard:
             waiting=g.waiting_in(p),
             capacity=g.capacity,
             drain_rate=g.drain_rate(now),
+            wait_bound=self.config.timeouts.checkout_timeout,
         )
         if not decision.admit:
             self.record_refusal("shed", partition)

@@ -165,6 +165,7 @@ class CoDelShedder:
         waiting: int = 0,
         capacity: int = 1,
         drain_rate: float = 0.0,
+        wait_bound: float = 0.0,
     ) -> Decision:
         """Admit or refuse a request of priority ``rank`` (PRIORITY_RANK) before it starts.
 
@@ -173,16 +174,24 @@ class CoDelShedder:
         pool's size; ``drain_rate`` the checkouts completed per second, for Retry-After.
 
         Besides queue delay, a non-critical request is refused at once ("no_capacity") when
-        ``waiting >= capacity``: that queue takes more than a whole round of the pool to
-        drain, so joining it only adds latency. Sheddable work gives up at half that
-        (``max(1, capacity // 2)``). Critical work is always admitted.
+        ``waiting >= capacity`` and that queue would keep it waiting longer than
+        ``wait_bound`` (the checkout bound: ``waiting / drain_rate``, or, with nothing
+        drained lately, the oldest waiter's age): joining it would only end in a time-out.
+        A long queue that drains fast is a healthy burst and is admitted (with the default
+        ``wait_bound`` of 0 any such queue refuses). Sheddable work gives up at half the
+        queue and half the bound. Critical work is always admitted.
         """
         self.observe(oldest_wait, now)
         if rank <= _CRITICAL:
             return ADMIT
         if rank > _LOWEST_KEPT[self.level(now)]:
             return Decision(False, "queue_delay", estimate_retry_after(waiting, drain_rate))
-        limit = capacity if rank <= _NORMAL else max(1, capacity // 2)
+        if rank <= _NORMAL:
+            limit, bound = capacity, wait_bound
+        else:
+            limit, bound = max(1, capacity // 2), wait_bound / 2
         if waiting >= limit:
-            return Decision(False, "no_capacity", estimate_retry_after(waiting, drain_rate))
+            expected = waiting / drain_rate if drain_rate > 0 else math.inf
+            if expected > bound or oldest_wait >= bound:
+                return Decision(False, "no_capacity", estimate_retry_after(waiting, drain_rate))
         return ADMIT
