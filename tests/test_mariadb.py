@@ -104,7 +104,8 @@ def test_lock_victim_under_a_deadline_earns_no_strike(
 ) -> None:
     engine = sa.create_engine(mariadb_url, pool_size=2, max_overflow=0)
     hot_row(engine, "my_lock_v")
-    guard = make_guard(engine, statement_timeout=10.0, quarantine_threshold=1)
+    # A session lock wait of 5 s, for the deadline to bring down.
+    guard = make_guard(engine, statement_timeout=10.0, quarantine_threshold=1, lock_timeout=5.0)
     with engine.begin() as holder:
         holder.execute(sa.text("update my_lock_v set n = 1 where id = 1"))
         t0 = time.monotonic()

@@ -420,7 +420,7 @@ def test_lock_victim_under_a_nearly_spent_deadline_fails_as_a_lock_wait(
     engine = sa.create_engine(pg_url, pool_size=2, max_overflow=0)
     hot_row(engine, "pg_lock_v")
     guard = make_guard(engine, statement_timeout=5.0, quarantine_threshold=1)
-    assert guard.lock_timeout == pytest.approx(2.5)
+    assert guard.lock_timeout == pytest.approx(1.0)  # "auto": min(1 s, statement_timeout / 2)
     with engine.begin() as holder:
         holder.execute(sa.text("update pg_lock_v set n = 1 where id = 1"))
         t0 = time.monotonic()
@@ -434,7 +434,7 @@ def test_lock_victim_under_a_nearly_spent_deadline_fails_as_a_lock_wait(
     assert ei.value.timeout * 0.9 <= waited < 0.7
     assert guard.quarantined() == []
     with engine.connect() as c:  # the pooled connection is back at the session defaults
-        assert c.execute(sa.text("show lock_timeout")).scalar() == "2500ms"
+        assert c.execute(sa.text("show lock_timeout")).scalar() == "1s"
 
 
 @pytest.mark.parametrize("driver", SYNC_DRIVERS)
@@ -447,7 +447,7 @@ def test_lock_holder_is_blamed_by_its_queued_victims(
     engine = sa.create_engine(sync_url(pg_url, driver), pool_size=8, max_overflow=0)
     hot_row(engine, "pg_blame_t")
     guard = make_guard(engine, statement_timeout=3.0, quarantine_threshold=3, partition_share=1.0)
-    assert guard.lock_timeout == pytest.approx(1.5)
+    assert guard.lock_timeout == pytest.approx(1.0)  # "auto": min(1 s, statement_timeout / 2)
     errors: list[BaseException] = []
     with engine.begin() as rogue:
         rogue.execute(sa.text("update pg_blame_t set n = 1 where id = 1"))

@@ -174,8 +174,8 @@ def test_driver_default_busy_timeout_is_replaced_by_the_lock_wait(
 ) -> None:
     engine = sa.create_engine(sqlite_file_url, poolclass=sa.QueuePool)
     assert _busy_timeout(engine) == 5000  # sqlite3's own default
-    make_guard(engine, statement_timeout=5.0)  # lock_timeout "auto": 2.5 s
-    assert _busy_timeout(engine) == 2500
+    make_guard(engine, statement_timeout=5.0)  # lock_timeout "auto": min(1 s, 5 s / 2)
+    assert _busy_timeout(engine) == 1000
 
 
 @pytest.mark.parametrize(
