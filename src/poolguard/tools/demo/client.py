@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ERROR", "GAVE_UP", "ASGIApp", "Exchange", "send_request"]
+__all__ = ["ERROR", "GAVE_UP", "ASGIApp", "DemoRequest", "send_request"]
 
 #: Outcomes other than a status code.
 GAVE_UP = "gave up"
@@ -32,7 +32,7 @@ ASGIApp = Callable[
 
 
 @dataclass
-class Exchange:
+class DemoRequest:
     """One request as its client saw it."""
 
     kind: str
@@ -42,7 +42,7 @@ class Exchange:
     task: asyncio.Future[None] | None = None
 
 
-async def send_request(app: ASGIApp, path: str, ex: Exchange, patience: float) -> None:
+async def send_request(app: ASGIApp, path: str, ex: DemoRequest, patience: float) -> None:
     """GET ``path`` through ASGI and wait at most until ``ex.intended + patience``.
 
     Like an HTTP server, this sends the (empty) body, then reports ``http.disconnect`` once

@@ -17,7 +17,7 @@ from sqlalchemy.pool import QueuePool
 from poolguard.guard import PoolGuard
 from poolguard.integrations.asgi.middleware import PoolGuardMiddleware
 from poolguard.tools.demo.app import Gauges, build_app
-from poolguard.tools.demo.client import ASGIApp, Exchange, send_request
+from poolguard.tools.demo.client import ASGIApp, DemoRequest, send_request
 from poolguard.tools.demo.progress import Progress, progress_line
 from poolguard.tools.demo.results import PhaseResult
 from poolguard.tools.demo.scenario import (
@@ -114,7 +114,7 @@ async def run_phase(
                 delay = at - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                ex = Exchange(kind, at)
+                ex = DemoRequest(kind, at)
                 result.exchanges.append(ex)
                 tasks.append(asyncio.ensure_future(send_request(app, path, ex, PATIENCE)))
             # Every client gets its answer or gives up (at most PATIENCE after the last send).
@@ -148,7 +148,7 @@ async def run_phase(
 
 
 async def _warm_up(app: ASGIApp) -> None:
-    ex = Exchange(HEALTHY, time.monotonic())
+    ex = DemoRequest(HEALTHY, time.monotonic())
     await send_request(app, "/items/1", ex, PATIENCE)
     error: BaseException | None = None
     if ex.task is not None:

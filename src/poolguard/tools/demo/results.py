@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from poolguard.tools.demo.client import Exchange
+from poolguard.tools.demo.client import DemoRequest
 from poolguard.tools.demo.scenario import HEALTHY, ROGUE
 
 __all__ = ["PhaseResult", "percentile"]
@@ -19,7 +19,7 @@ class PhaseResult:
     name: str
     protected: bool
     duration: float
-    exchanges: list[Exchange] = field(default_factory=list)
+    exchanges: list[DemoRequest] = field(default_factory=list)
     capacity: int = 0
     max_checked_out: int = 0
     max_waiting: int = 0
@@ -29,7 +29,7 @@ class PhaseResult:
     alerts: list[str] = field(default_factory=list)
     endpoint_threads: list[str] = field(default_factory=list)
 
-    def of(self, kind: str) -> list[Exchange]:
+    def of(self, kind: str) -> list[DemoRequest]:
         return [e for e in self.exchanges if e.kind == kind]
 
     def healthy_ok(self) -> int:

@@ -4,7 +4,6 @@ default, or PostgreSQL / MariaDB given by ``--database-url`` (where nothing is c
 from __future__ import annotations
 
 import os
-import re
 import threading
 import time
 from typing import Any
@@ -14,8 +13,9 @@ from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine
 
 from poolguard.extras import driver_problem
+from poolguard.tools.urls import display_url, sanitize
 
-__all__ = ["DemoError", "Workload", "safe_url", "workload_for"]
+__all__ = ["DemoError", "Workload", "workload_for"]
 
 # The rogue on SQLite: chunks of _CHUNK_ROWS rows (a fraction of a millisecond of stepping),
 # then a _PAUSE pause in demo_pace(), which also says whether to go on. About 1% of a core
@@ -26,14 +26,6 @@ _PAUSE = 0.02
 
 class DemoError(Exception):
     """A problem worth one line on stderr (bad URL, missing driver, cannot connect)."""
-
-
-def safe_url(url: URL) -> str:
-    """``driver://host:port/db``: never a user name or a password, never query options."""
-    if url.get_backend_name() == "sqlite":
-        return f"{url.drivername}:///{url.database or ':memory:'}"
-    port = f":{url.port}" if url.port else ""
-    return f"{url.drivername}://{url.host or ''}{port}/{url.database or ''}"
 
 
 class Workload:
@@ -148,14 +140,10 @@ class Workload:
 
 
 def _describe_db_error(err: sa.exc.DBAPIError, url: URL) -> str:
-    """The driver's first line, with the URL's user name and password blanked out."""
+    """The driver's first line, scrubbed of credentials (:func:`poolguard.tools.urls.sanitize`)."""
     orig = err.orig if err.orig is not None else err
     lines = str(orig).strip().splitlines()
-    text = lines[0] if lines else ""
-    for secret in (url.password, url.username):
-        if secret:
-            # Whole words only: a user "u" must not turn "refused" into "ref***sed".
-            text = re.sub(rf"(?<!\w){re.escape(str(secret))}(?!\w)", "***", text)
+    text = sanitize(lines[0], url) if lines else ""
     return f"{type(orig).__name__}: {text}" if text else type(orig).__name__
 
 
@@ -202,4 +190,4 @@ def workload_for(database_url: str | None, tmpdir: str) -> Workload:
     elif dialect.driver in ("pymysql", "mysqldb"):
         connect_args = {"connect_timeout": 5}
     kwargs: dict[str, Any] = {"connect_args": connect_args} if connect_args else {}
-    return Workload(url, safe_url(url), kwargs)
+    return Workload(url, display_url(url), kwargs)
