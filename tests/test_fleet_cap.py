@@ -180,7 +180,9 @@ def test_a_thousand_cancelled_acquires_leak_nothing(redis_server: RedisServer) -
         assert r["fleet"]["borrowed"] == 0, r["fleet"]  # borrowed leases went back
         assert r["fleet"]["leases"] <= r["fleet"]["share"], r["fleet"]
         b = r["fleet"]["borrows"]
-        assert b["granted"] + b["refused"] + b["cancelled"] > 0, b  # borrows were made
+        # Borrowing was asked for (a borrow may find nothing to do: the other member took
+        # the spare lease, or one was in flight): what matters is that nothing leaked.
+        assert sum(b.values()) > 0, b
     assert fleet_keys(redis_server, "cancel")["leases"] == {}
 
 
