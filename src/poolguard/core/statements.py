@@ -170,7 +170,7 @@ class StatementPath:
         if timeout != default or not self.baseline:
             try:
                 info = hold.conn.info if hold is not None else {}
-                statement = self.enforcer.prepare(cursor, statement, timeout, context, info)
+                statement = self.enforcer.prepare(statement, timeout, context, info)
             except BaseException:
                 if q.active:
                     q.record_error(fp.id, _monotonic() if now is None else now)

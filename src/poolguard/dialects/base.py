@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
+from sqlalchemy.engine.interfaces import DBAPIConnection, ExecutionContext
+
+#: poolguard's own state for one connection (never the application's ``connection.info``).
+Info = dict[Any, Any]
+#: A time-out in seconds; None: no limit.
+Seconds = float | None
+Context = ExecutionContext
 
 
 class Enforcer:
@@ -33,14 +39,7 @@ class Enforcer:
         """Install the default time-out on a new connection (``info``: poolguard's own state
         for that connection)."""
 
-    def prepare(
-        self,
-        cursor: DBAPICursor,
-        statement: str,
-        timeout: float | None,
-        context: ExecutionContext,
-        info: dict[Any, Any],
-    ) -> str:
+    def prepare(self, statement: str, timeout: Seconds, context: Context, info: Info) -> str:
         """Make ``timeout`` apply to this one statement; return the statement to run.
         ``info`` is the connection's own state (what ``on_connect`` was given), never the
         application's ``connection.info``."""

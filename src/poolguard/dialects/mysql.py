@@ -18,9 +18,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
+from sqlalchemy.engine.interfaces import DBAPIConnection
 
-from poolguard.dialects.base import SERVER_ID, Enforcer, ms, query, trusted_id
+from poolguard.dialects.base import (
+    SERVER_ID,
+    Context,
+    Enforcer,
+    Info,
+    Seconds,
+    ms,
+    query,
+    trusted_id,
+)
 
 _MARIADB_TIMEOUT = 1969  # ER_STATEMENT_TIMEOUT
 _MYSQL_TIMEOUT = 3024  # ER_QUERY_TIMEOUT
@@ -70,14 +79,7 @@ class MySQLEnforcer(Enforcer):
         finally:
             cur.close()
 
-    def prepare(
-        self,
-        cursor: DBAPICursor,
-        statement: str,
-        timeout: float | None,
-        context: ExecutionContext,
-        info: dict[Any, Any],
-    ) -> str:
+    def prepare(self, statement: str, timeout: Seconds, context: Context, info: Info) -> str:
         if self.is_mariadb:
             secs = 0.0 if timeout is None else max(0.001, timeout)
             lock = self._lock_secs(timeout)

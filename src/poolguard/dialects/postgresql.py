@@ -21,9 +21,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.engine.interfaces import DBAPIConnection, DBAPICursor, ExecutionContext
+from sqlalchemy.engine.interfaces import DBAPIConnection
 
-from poolguard.dialects.base import SERVER_ID, Enforcer, ms, query, trusted_id
+from poolguard.dialects.base import (
+    SERVER_ID,
+    Context,
+    Enforcer,
+    Info,
+    Seconds,
+    ms,
+    query,
+    trusted_id,
+)
 
 _QUERY_CANCELED = "57014"
 _LOCK_NOT_AVAILABLE = "55P03"
@@ -91,14 +100,7 @@ class PostgreSQLEnforcer(Enforcer):
         lock = ms(self.lock_timeout)
         return lock if want == 0 else min(lock, max(1, want // 2))
 
-    def prepare(
-        self,
-        cursor: DBAPICursor,
-        statement: str,
-        timeout: float | None,
-        context: ExecutionContext,
-        info: dict[Any, Any],
-    ) -> str:
+    def prepare(self, statement: str, timeout: Seconds, context: Context, info: Info) -> str:
         want = 0 if timeout is None else ms(timeout)
         conn: Any = context.root_connection
         txn = conn._transaction

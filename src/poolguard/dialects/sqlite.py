@@ -36,12 +36,10 @@ from typing import Any
 from sqlalchemy.engine.interfaces import (
     AdaptedConnection,
     DBAPIConnection,
-    DBAPICursor,
-    ExecutionContext,
 )
 from sqlalchemy.util import await_only
 
-from poolguard.dialects.base import Enforcer, ms, query
+from poolguard.dialects.base import Context, Enforcer, Info, Seconds, ms, query
 
 _CELL_KEY = "poolguard.sqlite_deadline"
 #: VM instructions between checks: about every 10-100 us of work, invisible on short statements.
@@ -161,14 +159,7 @@ class SQLiteEnforcer(Enforcer):
                 kind,
             )
 
-    def prepare(
-        self,
-        cursor: DBAPICursor,
-        statement: str,
-        timeout: float | None,
-        context: ExecutionContext,
-        info: dict[Any, Any],
-    ) -> str:
+    def prepare(self, statement: str, timeout: Seconds, context: Context, info: Info) -> str:
         cell = info.get(_CELL_KEY)
         if cell is not None:
             cell.at = None if timeout is None else _monotonic() + timeout
