@@ -81,32 +81,23 @@ class StatementPath:
     def _on_do_executemany(
         self, cursor: DBAPICursor, statement: str, parameters: Any, context: ExecutionContext
     ) -> bool:
-        if context is None:  # SQLAlchemy's own statements outside any execution
-            return False
-        later = context.dialect.dispatch.do_executemany.listeners
-        last = later[-1] is self.on_do_executemany
-        return self.run(
-            cursor,
-            statement,
-            parameters,
-            context,
-            _executemany if last else self._chained("do_executemany"),
-        )
+        run = self._runner(context, "do_executemany", _executemany)
+        return run is not None and self.run(cursor, statement, parameters, context, run)
 
     def _on_do_execute_no_params(
         self, cursor: DBAPICursor, statement: str, context: ExecutionContext
     ) -> bool:
-        if context is None:  # SQLAlchemy's own statements outside any execution
-            return False
-        later = context.dialect.dispatch.do_execute_no_params.listeners
-        last = later[-1] is self.on_do_execute_no_params
-        return self.run(
-            cursor,
-            statement,
-            None,
-            context,
-            _execute_no_params if last else self._chained("do_execute_no_params"),
-        )
+        run = self._runner(context, "do_execute_no_params", _execute_no_params)
+        return run is not None and self.run(cursor, statement, None, context, run)
+
+    def _runner(self, context: ExecutionContext | None, name: str, own: _Run) -> _Run | None:
+        """How the rarer two listeners run their statement: ``own`` while poolguard's
+        listener is the last one, else through the listeners after it; None outside any
+        execution context (SQLAlchemy's own statements), which are left to SQLAlchemy."""
+        if context is None:
+            return None
+        later = getattr(context.dialect.dispatch, name).listeners
+        return own if later[-1] is getattr(self, "on_" + name) else self._chained(name)
 
     def _chained(self, name: str) -> _Run:
         """Run the listeners registered after poolguard's, then the statement if none of
