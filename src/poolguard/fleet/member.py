@@ -124,17 +124,7 @@ class RedisMember:
         want, seq = started
         t0 = time.perf_counter()
         try:
-            reply = self.store.sync(
-                self.id,
-                seq,
-                want=want,
-                claim=0,
-                ttl=self.fleet.lease_ttl,
-                cap=self.fleet.max_connections,
-                pool=self.pool,
-                info=self._info,
-                rejoin=False,
-            )
+            reply = self._sync(seq, want)
         except StoreError as e:
             return self._borrow_failed(e, t0)
         return self._borrow_done(reply, want, t0)
@@ -249,6 +239,20 @@ class RedisMember:
             self._in_flight += 1
         return want, next(self._seq)
 
+    def _sync(self, seq: int, want: int, *, claim: int = 0, rejoin: bool = False) -> Reply:
+        """One round trip: renew this member's leases and ask for ``want`` of them."""
+        return self.store.sync(
+            self.id,
+            seq,
+            want=want,
+            claim=claim,
+            ttl=self.fleet.lease_ttl,
+            cap=self.fleet.max_connections,
+            pool=self.pool,
+            info=self._info,
+            rejoin=rejoin,
+        )
+
     def _borrow_done(self, reply: Reply, want: int, t0: float) -> bool:
         elapsed = time.perf_counter() - t0
         before = self.gate.capacity
@@ -292,31 +296,11 @@ class RedisMember:
         if not self.known:
             want = 0  # learn the fair share first; the next round trip asks for it
         try:
-            reply = self.store.sync(
-                self.id,
-                seq,
-                want=want,
-                claim=g.capacity if rejoin else 0,
-                ttl=self.fleet.lease_ttl,
-                cap=self.fleet.max_connections,
-                pool=self.pool,
-                info=self._info,
-                rejoin=rejoin,
-            )
+            reply = self._sync(seq, want, claim=g.capacity if rejoin else 0, rejoin=rejoin)
             if not self.known:
                 base = shares.base_share(reply.fair, self.pool)
                 seq = next(self._seq)
-                reply = self.store.sync(
-                    self.id,
-                    seq,
-                    want=base,
-                    claim=0,
-                    ttl=self.fleet.lease_ttl,
-                    cap=self.fleet.max_connections,
-                    pool=self.pool,
-                    info=self._info,
-                    rejoin=False,
-                )
+                reply = self._sync(seq, base)
                 plan = shares.Plan(lower_to=None, want=base, keep=self.pool)
         except StoreError as e:
             self._lose(e)

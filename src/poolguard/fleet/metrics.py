@@ -48,36 +48,25 @@ class FleetMetrics:
 
             return observe
 
-        meter.create_observable_up_down_counter(
-            "poolguard.fleet.leases",
-            [gauge("leases")],
-            unit="{connection}",
-            description="Leases of the fleet's connection budget this member holds",
-        )
-        meter.create_observable_up_down_counter(
-            "poolguard.fleet.share",
-            [gauge("share")],
-            unit="{connection}",
-            description="This member's base share: leases kept without a round trip",
-        )
-        meter.create_observable_up_down_counter(
-            "poolguard.fleet.capacity",
-            [gauge("capacity")],
-            unit="{connection}",
-            description="Slots this member's gate may grant (its leases, or its fallback)",
-        )
-        meter.create_observable_gauge(
-            "poolguard.fleet.members",
-            [gauge("members")],
-            unit="{member}",
-            description="Live members of the fleet, as last seen",
-        )
-        meter.create_observable_gauge(
-            "poolguard.fleet.degraded",
-            [gauge("degraded")],
-            unit="1",
-            description="1 while this member cannot reach Redis and runs on its local cap",
-        )
+        # (name, unit, description, up-down counter or gauge)
+        observed = (
+            ("leases", "{connection}",
+             "Leases of the fleet's connection budget this member holds", True),
+            ("share", "{connection}",
+             "This member's base share: leases kept without a round trip", True),
+            ("capacity", "{connection}",
+             "Slots this member's gate may grant (its leases, or its fallback)", True),
+            ("members", "{member}", "Live members of the fleet, as last seen", False),
+            ("degraded", "1",
+             "1 while this member cannot reach Redis and runs on its local cap", False),
+        )  # fmt: skip
+        for key, unit, description, up_down in observed:
+            create = (
+                meter.create_observable_up_down_counter
+                if up_down
+                else meter.create_observable_gauge
+            )
+            create(f"poolguard.fleet.{key}", [gauge(key)], unit=unit, description=description)
         self._borrows = meter.create_counter(
             "poolguard.fleet.borrows",
             unit="{borrow}",
