@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from poolguard.core.budget import PRIORITY_RANK
 from poolguard.policy.shedding import (
     ADMIT,
-    ESCALATE_INTERVALS,
     MAX_RETRY_AFTER,
     MIN_RETRY_AFTER,
     PRIORITIES,
@@ -27,6 +26,7 @@ from poolguard.policy.shedding import (
 CRITICAL, NORMAL, SHEDDABLE = (PRIORITY_RANK[p] for p in ("critical", "normal", "sheddable"))
 TARGET, INTERVAL = 0.005, 0.1
 BAD = 0.02  # above target, below SEVERE_FACTOR * target
+SEVERE = 2 * SEVERE_FACTOR * TARGET  # an overload: normal work is shed too
 TICK = 0.01  # a checkout every 10 ms
 
 
@@ -86,7 +86,7 @@ def test_a_queue_that_drains_every_interval_never_sheds() -> None:
 
 def test_an_empty_gate_at_admission_counts_as_a_drain() -> None:
     s = CoDelShedder(target=TARGET, interval=INTERVAL)
-    standing(s, 0.0, 1.0)
+    standing(s, 0.0, 1.0, SEVERE)
     assert s.level(1.0) == 2
     # Nobody waits at the gate now (oldest_wait 0.0): the queue has drained.
     assert admits(s, SHEDDABLE, 1.0, oldest_wait=0.0, waiting=0, capacity=10)
@@ -103,15 +103,17 @@ def test_a_standing_queue_sheds_sheddable_after_one_interval_then_normal() -> No
     d = s.decide(SHEDDABLE, 0.1, oldest_wait=BAD, waiting=3, capacity=10, drain_rate=100.0)
     assert d == Decision(False, "queue_delay", 1.0)
     assert admits(s, NORMAL, 0.1, oldest_wait=BAD, waiting=3, capacity=10)
-    # Still standing ESCALATE_INTERVALS more intervals later: normal work is shed too.
-    escalate = INTERVAL * (1 + ESCALATE_INTERVALS)
-    standing(s, 0.11, escalate - TICK)
-    assert s.level(escalate - TICK) == 1
-    standing(s, escalate, escalate)
+    # A queue that stands but moves (BAD, under ten targets) never sheds normal work...
+    standing(s, 0.11, 1.0)
+    assert s.level(1.0) == 1
+    assert admits(s, NORMAL, 1.0, oldest_wait=BAD, waiting=3, capacity=10)
+    # ...an overload does.
+    escalate = 1.01
+    standing(s, escalate, escalate, SEVERE)
     assert s.level(escalate) == 2
-    d = s.decide(NORMAL, escalate, oldest_wait=BAD, waiting=3, capacity=10)
+    d = s.decide(NORMAL, escalate, oldest_wait=SEVERE, waiting=3, capacity=10)
     assert (d.admit, d.reason) == (False, "queue_delay")
-    assert admits(s, CRITICAL, escalate, oldest_wait=BAD, waiting=3, capacity=10)
+    assert admits(s, CRITICAL, escalate, oldest_wait=SEVERE, waiting=3, capacity=10)
 
 
 def test_a_wedged_pool_is_seen_through_the_oldest_waiter_alone() -> None:
@@ -150,7 +152,7 @@ def test_critical_is_never_shed(level_at: float) -> None:
 # -- recovery --------------------------------------------------------------------------------------
 def test_one_drain_ends_the_episode_and_reentry_takes_a_full_interval() -> None:
     s = CoDelShedder(target=TARGET, interval=INTERVAL)
-    standing(s, 0.0, 0.5)
+    standing(s, 0.0, 0.5, SEVERE)
     assert s.level(0.5) == 2
     s.observe(TARGET, 0.51)  # at target counts as a drain
     assert not s.standing
@@ -297,7 +299,7 @@ def test_level_follows_the_time_since_the_queue_last_drained(
             elif sojourn > SEVERE_FACTOR * TARGET:
                 expected = 2
             else:
-                expected = 2 if standing_for >= INTERVAL * (1 + ESCALATE_INTERVALS) else 1
+                expected = 1  # standing but moving: only sheddable work is shed
             assert s.level(probe_at) == expected
 
 
