@@ -61,9 +61,10 @@ def _assert_clean(e: QueryTimeout) -> None:
 def test_postgresql_timeout_inside_plpgsql_with_a_bound_value(
     make_guard: MakeGuard, pg_url: str
 ) -> None:
-    engine = sa.create_engine(pg_url)
-    make_guard(engine, statement_timeout=0.2)
-    with engine.begin() as c:
+    # The function is made and dropped outside the guard: under 0.2 s a loaded CI machine's
+    # COMMIT of the DDL can itself run into the statement time-out (seen once in CI).
+    setup = sa.create_engine(pg_url, poolclass=sa.pool.NullPool)
+    with setup.begin() as c:
         c.exec_driver_sql(
             """
             CREATE OR REPLACE FUNCTION pg_h3_slow_lookup(secret text) RETURNS int
@@ -74,6 +75,8 @@ def test_postgresql_timeout_inside_plpgsql_with_a_bound_value(
             END $$
             """
         )
+    engine = sa.create_engine(pg_url)
+    make_guard(engine, statement_timeout=0.2)
     try:
         with engine.connect() as c, pytest.raises(QueryTimeout) as ei:
             c.execute(sa.text("SELECT pg_h3_slow_lookup(:s)"), {"s": SECRET})
@@ -84,8 +87,9 @@ def test_postgresql_timeout_inside_plpgsql_with_a_bound_value(
         _assert_clean(e)
         assert "SELECT" in str(e) and e.fingerprint in str(e)
     finally:
-        with engine.begin() as c:
+        with setup.begin() as c:
             c.exec_driver_sql("DROP FUNCTION IF EXISTS pg_h3_slow_lookup(text)")
+        setup.dispose()
 
 
 @pytest.mark.mariadb
