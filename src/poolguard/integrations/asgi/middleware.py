@@ -130,38 +130,19 @@ class PoolGuardMiddleware:
             raise TypeError(f"default must be a RouteRule, got {type(default).__name__}")
         if not isinstance(server_timing, bool):
             raise TypeError(f"server_timing must be a bool, got {type(server_timing).__name__}")
-        if max_inflight is None:
-            max_inflight = default_limit(guard.gate.capacity)
-        elif isinstance(max_inflight, bool) or not isinstance(max_inflight, int):
-            raise TypeError(f"max_inflight must be an int, got {type(max_inflight).__name__}")
-        elif max_inflight < 1:
-            raise ValueError(f"max_inflight must be at least 1, got {max_inflight!r}")
-        header: bytes | None = None
-        if deadline_header is not None:
-            if not isinstance(deadline_header, str):
-                raise TypeError(
-                    f"deadline_header must be a str, got {type(deadline_header).__name__}"
-                )
-            if not _TOKEN.fullmatch(deadline_header):
-                raise ValueError(
-                    f"deadline_header must be an HTTP header name, got {deadline_header!r}"
-                )
-            # ASGI servers lower-case header names; hand-built scopes are compared lowered too.
-            header = deadline_header.lower().encode("ascii")
-
         self.app = app
         self.guard = guard
         self.server_timing = server_timing
-        self.max_inflight = max_inflight
+        self.max_inflight = _inflight_limit(max_inflight, guard)
+        self._header = _header_key(deadline_header)
         self.deadline_header = deadline_header
-        self._header = header
         self._default = BUILTIN_DEFAULT if default is None else inherit(default, BUILTIN_DEFAULT)
         self._rules = parse_rules(routes)
         self._rules_checked = not self._rules
         self._plans: dict[tuple[str, str | None], Plan] = {}
         self._expanded: Expansions = {}
         self._unmatched = make_plan(self._default, DEFAULT_PARTITION)
-        self._in_flight = in_flight_for(guard, max_inflight)
+        self._in_flight = in_flight_for(guard, self.max_inflight)
         shed = guard.config.shed
         self._stands_after: float = max(shed.interval, guard.config.timeouts.checkout_timeout / 2)
         self._shed_memory: float = SHED_MEMORY_INTERVALS * shed.interval
@@ -233,13 +214,7 @@ class PoolGuardMiddleware:
                 )
                 return
             with guard.budget(
-                deadline,
-                statement_timeout=plan.statement_timeout,
-                max_queries=plan.max_queries,
-                max_db_time=plan.max_db_time,
-                max_connections=plan.max_connections,
-                priority=plan.priority,
-                partition=plan.partition,
+                deadline, priority=plan.priority, partition=plan.partition, **plan.limits
             ) as budget:
                 await self._serve(scope, receive, send, budget)
         finally:
@@ -391,6 +366,29 @@ class PoolGuardMiddleware:
                 f"{', '.join(unknown)}. Known templates: {listing or 'none'}"
             )
         self._rules_checked = True
+
+
+def _inflight_limit(max_inflight: int | None, guard: PoolGuard) -> int:
+    """``max_inflight`` checked, or the default for the guard's pool."""
+    if max_inflight is None:
+        return default_limit(guard.gate.capacity)
+    if isinstance(max_inflight, bool) or not isinstance(max_inflight, int):
+        raise TypeError(f"max_inflight must be an int, got {type(max_inflight).__name__}")
+    if max_inflight < 1:
+        raise ValueError(f"max_inflight must be at least 1, got {max_inflight!r}")
+    return max_inflight
+
+
+def _header_key(deadline_header: str | None) -> bytes | None:
+    """``deadline_header`` checked, as the lower-case bytes a scope's headers are matched on."""
+    if deadline_header is None:
+        return None
+    if not isinstance(deadline_header, str):
+        raise TypeError(f"deadline_header must be a str, got {type(deadline_header).__name__}")
+    if not _TOKEN.fullmatch(deadline_header):
+        raise ValueError(f"deadline_header must be an HTTP header name, got {deadline_header!r}")
+    # ASGI servers lower-case header names; hand-built scopes are compared lowered too.
+    return deadline_header.lower().encode("ascii")
 
 
 async def _until_connections_returned(budget: BudgetScope) -> None:

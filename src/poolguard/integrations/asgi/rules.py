@@ -9,7 +9,7 @@ up.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from starlette.routing import compile_path
@@ -19,6 +19,7 @@ from poolguard.core.budget import PRIORITY_RANK, Budget
 __all__ = [
     "BUILTIN_DEFAULT",
     "DEFAULT_DEADLINE",
+    "LIMITS",
     "METHODS",
     "OTHER_METHOD",
     "Plan",
@@ -44,6 +45,10 @@ METHODS = frozenset(
 )
 OTHER_METHOD = "_OTHER"
 
+#: The rule's limits that a request's budget scope takes as they are (``guard.budget``'s
+#: keywords); the deadline and the priority get defaults first.
+LIMITS = ("statement_timeout", "max_queries", "max_db_time", "max_connections")
+
 
 @dataclass(frozen=True)
 class RouteRule:
@@ -67,16 +72,13 @@ class RouteRule:
 
     def __post_init__(self) -> None:
         # Budget validates every field and names the wrong one (TypeError / ValueError).
-        Budget(
-            deadline=self.deadline,
-            statement_timeout=self.statement_timeout,
-            max_queries=self.max_queries,
-            max_db_time=self.max_db_time,
-            max_connections=self.max_connections,
-            priority=self.priority,
-        )
+        Budget(deadline=self.deadline, priority=self.priority, **self.limits())
         if not isinstance(self.exempt, bool):
             raise TypeError(f"exempt must be a bool, got {type(self.exempt).__name__}")
+
+    def limits(self) -> dict[str, Any]:
+        """The fields named in :data:`LIMITS`, by name."""
+        return {name: getattr(self, name) for name in LIMITS}
 
 
 BUILTIN_DEFAULT = RouteRule(deadline=DEFAULT_DEADLINE, priority="normal")
@@ -91,10 +93,8 @@ class Plan:
     rank: int
     exempt: bool
     deadline: float
-    statement_timeout: float | None
-    max_queries: int | None
-    max_db_time: float | None
-    max_connections: int | None
+    #: The rule's :data:`LIMITS`, as ``guard.budget``'s keywords.
+    limits: Mapping[str, Any]
 
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -150,15 +150,9 @@ def inherit(rule: RouteRule, base: RouteRule) -> RouteRule:
         value = getattr(rule, name)
         return getattr(base, name) if value is None else value
 
-    return RouteRule(
-        deadline=pick("deadline"),
-        statement_timeout=pick("statement_timeout"),
-        max_queries=pick("max_queries"),
-        max_db_time=pick("max_db_time"),
-        max_connections=pick("max_connections"),
-        priority=pick("priority"),
-        exempt=rule.exempt,
-    )
+    # Every field but ``exempt`` inherits; a rule is exempt or not by itself.
+    inherited = {f.name: pick(f.name) for f in fields(RouteRule) if f.name != "exempt"}
+    return RouteRule(**inherited, exempt=rule.exempt)
 
 
 def make_plan(rule: RouteRule, partition: str) -> Plan:
@@ -169,8 +163,5 @@ def make_plan(rule: RouteRule, partition: str) -> Plan:
         rank=PRIORITY_RANK[priority],
         exempt=rule.exempt,
         deadline=rule.deadline if rule.deadline is not None else DEFAULT_DEADLINE,
-        statement_timeout=rule.statement_timeout,
-        max_queries=rule.max_queries,
-        max_db_time=rule.max_db_time,
-        max_connections=rule.max_connections,
+        limits=rule.limits(),
     )
