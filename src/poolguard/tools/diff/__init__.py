@@ -21,6 +21,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
+from dataclasses import fields
 
 from poolguard.tools.diff.compare import (
     OVERALL,
@@ -98,61 +99,41 @@ def _number(minimum: float, maximum: float = math.inf) -> Callable[[str], float]
     return parse
 
 
+#: The threshold options, in --help's order: (DiffOptions field, parser, metavar, help). The
+#: flag is the field's name with dashes, the default is the field's, and "{}" in a help text
+#: shows that default.
+_THRESHOLDS: tuple[tuple[str, Callable[[str], object], str, str], ...] = (
+    ("max_count_increase", _whole(0), "N",
+     "tolerated growth of a fingerprint's count (default 0: any increase fails)"),
+    ("max_count_ratio", _number(1.0), "R",
+     "tolerated count ratio new/base; with it, a count must exceed both tolerances"),
+    ("duration_threshold", _number(1.0), "R",
+     "a statement's median time may grow by this ratio (default {:g})"),
+    ("min_change", _number(0.0), "SECONDS",
+     "smallest growth of the median time that can fail (default {:g})"),
+    ("min_samples", _whole(1), "N",
+     "executions needed on both sides to judge a duration (default {})"),
+    ("alpha", _number(1e-12, 1.0), "P",
+     "significance level of the rank test (default {:g})"),
+    ("min_duration", _number(0.0), "SECONDS",
+     "new totals below this are never a duration regression (default {:g})"),
+)  # fmt: skip
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add ``diff``'s arguments to its sub-parser (the CLI owns the parser tree)."""
-    d = _DEFAULTS
     parser.add_argument("base", metavar="BASE.json", help="report from the reference run")
     parser.add_argument("new", metavar="NEW.json", help="report from the run under review")
     add = parser.add_argument
-    add(
-        "--max-count-increase",
-        type=_whole(0),
-        default=d.max_count_increase,
-        metavar="N",
-        help="tolerated growth of a fingerprint's count (default 0: any increase fails)",
-    )
-    add(
-        "--max-count-ratio",
-        type=_number(1.0),
-        default=None,
-        metavar="R",
-        help="tolerated count ratio new/base; with it, a count must exceed both tolerances",
-    )
-    add(
-        "--duration-threshold",
-        type=_number(1.0),
-        default=d.duration_threshold,
-        metavar="R",
-        help=f"a statement's median time may grow by this ratio (default {d.duration_threshold:g})",
-    )
-    add(
-        "--min-change",
-        type=_number(0.0),
-        default=d.min_change,
-        metavar="SECONDS",
-        help=f"smallest growth of the median time that can fail (default {d.min_change:g})",
-    )
-    add(
-        "--min-samples",
-        type=_whole(1),
-        default=d.min_samples,
-        metavar="N",
-        help=f"executions needed on both sides to judge a duration (default {d.min_samples})",
-    )
-    add(
-        "--alpha",
-        type=_number(1e-12, 1.0),
-        default=d.alpha,
-        metavar="P",
-        help=f"significance level of the rank test (default {d.alpha:g})",
-    )
-    add(
-        "--min-duration",
-        type=_number(0.0),
-        default=d.min_duration,
-        metavar="SECONDS",
-        help=f"new totals below this are never a duration regression (default {d.min_duration:g})",
-    )
+    for name, parse, metavar, text in _THRESHOLDS:
+        default = getattr(_DEFAULTS, name)
+        add(
+            f"--{name.replace('_', '-')}",
+            type=parse,
+            default=default,
+            metavar=metavar,
+            help=text.format(default),
+        )
     add(
         "--max-report-size",
         type=_number(0.001, 16384.0),
@@ -173,16 +154,8 @@ def run(args: argparse.Namespace) -> int:
     except ReportError as e:
         print(f"poolguard diff: {e}", file=sys.stderr)
         return 2
-    options = DiffOptions(
-        max_count_increase=args.max_count_increase,
-        max_count_ratio=args.max_count_ratio,
-        duration_threshold=args.duration_threshold,
-        min_duration=args.min_duration,
-        min_change=args.min_change,
-        min_samples=args.min_samples,
-        alpha=args.alpha,
-        allow_new=args.allow_new,
-    )
+    # Every DiffOptions field is an option of the same name (configure_parser).
+    options = DiffOptions(**{f.name: getattr(args, f.name) for f in fields(DiffOptions)})
     result = compare(base, new, options)
     if args.json:
         sys.stdout.write(render_json(result))
