@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
+from dataclasses import InitVar, dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from sqlalchemy.engine import Engine
 
@@ -41,36 +42,28 @@ log = logging.getLogger("poolguard")
 _MAX_SHEDDERS = 1000
 
 
+@dataclass(eq=False, repr=False, kw_only=True)
 class Parts:
-    """One guard's state and collaborators. Attributes are set once by the facade."""
+    """One guard's state and collaborators. Attributes are set once by the facade: the
+    collaborators it passes in, and the state derived from them in ``__post_init__``."""
 
-    log = log
-    clock: Callable[[], float] = staticmethod(time.monotonic)
+    log: ClassVar[logging.Logger] = log
+    clock = staticmethod(time.monotonic)
 
-    def __init__(
-        self,
-        *,
-        config: GuardConfig,
-        engine: Engine,
-        pool_name: str,
-        gate: Gate,
-        enforcer: Enforcer,
-        quarantine: Quarantine,
-        telemetry: Telemetry,
-        alerts: Alerter,
-        fingerprint: Callable[[str], Fingerprint],
-        storm_threshold: int,
-    ) -> None:
-        self.config = config
-        self.engine = engine
-        self.is_async: bool = engine.dialect.is_async
-        self.pool_name = pool_name
-        self.gate = gate
-        self.enforcer = enforcer
-        self.quarantine = quarantine
-        self.telemetry = telemetry
-        self.alerts = alerts
-        self.fingerprint = fingerprint
+    config: GuardConfig
+    engine: Engine
+    pool_name: str
+    gate: Gate
+    enforcer: Enforcer
+    quarantine: Quarantine
+    telemetry: Telemetry
+    alerts: Alerter
+    fingerprint: Callable[[str], Fingerprint]
+    storm_threshold: InitVar[int]
+
+    def __post_init__(self, storm_threshold: int) -> None:
+        config, enforcer = self.config, self.enforcer
+        self.is_async: bool = self.engine.dialect.is_async
         self.stats = StatsRegistry(max_fingerprints=config.telemetry.max_fingerprints)
         self.refusals = RefusalCounts()
         self.held: dict[Any, Hold] = {}
