@@ -123,21 +123,8 @@ class QueryTimeout(PoolGuardError, sa_exc.OperationalError):
         )
 
     def __reduce__(self) -> Any:  # pragma: no cover - pickling support for workers
-        return (
-            _rebuild,
-            (
-                QueryTimeout,
-                {
-                    "fingerprint": self.fingerprint,
-                    "summary": self.summary,
-                    "normalized": str(self.statement),
-                    "timeout": self.timeout,
-                    "elapsed": self.elapsed,
-                    "partition": self.partition,
-                    "cause": self.cause,
-                },
-            ),
-        )
+        names = ("fingerprint", "summary", "timeout", "elapsed", "partition", "cause")
+        return _reduce(QueryTimeout, self, *names, normalized=str(self.statement))
 
 
 class PoolSaturated(PoolGuardError, sa_exc.TimeoutError):
@@ -174,19 +161,7 @@ class PoolSaturated(PoolGuardError, sa_exc.TimeoutError):
         )
 
     def __reduce__(self) -> Any:  # pragma: no cover
-        return (
-            _rebuild,
-            (
-                PoolSaturated,
-                {
-                    "waited": self.waited,
-                    "limit": self.limit,
-                    "reason": self.reason,
-                    "partition": self.partition,
-                    "retry_after": self.retry_after,
-                },
-            ),
-        )
+        return _reduce(PoolSaturated, self, "waited", "limit", "reason", "partition", "retry_after")
 
 
 class BudgetExceeded(PoolGuardError):
@@ -217,18 +192,7 @@ class BudgetExceeded(PoolGuardError):
         return f"BudgetExceeded: {self.limit} used {self.used:g} of {self.allowed:g}"
 
     def __reduce__(self) -> Any:  # pragma: no cover
-        return (
-            _rebuild,
-            (
-                BudgetExceeded,
-                {
-                    "limit": self.limit,
-                    "used": self.used,
-                    "allowed": self.allowed,
-                    "partition": self.partition,
-                },
-            ),
-        )
+        return _reduce(BudgetExceeded, self, "limit", "used", "allowed", "partition")
 
 
 class QueryQuarantined(PoolGuardError):
@@ -262,17 +226,7 @@ class QueryQuarantined(PoolGuardError):
         )
 
     def __reduce__(self) -> Any:  # pragma: no cover
-        return (
-            _rebuild,
-            (
-                QueryQuarantined,
-                {
-                    "fingerprint": self.fingerprint,
-                    "summary": self.summary,
-                    "retry_after": self.retry_after,
-                },
-            ),
-        )
+        return _reduce(QueryQuarantined, self, "fingerprint", "summary", "retry_after")
 
 
 class Shed(PoolGuardError):
@@ -295,17 +249,13 @@ class Shed(PoolGuardError):
         return f"Shed: {self.reason}, retry after {self.retry_after:.1f} s"
 
     def __reduce__(self) -> Any:  # pragma: no cover
-        return (
-            _rebuild,
-            (
-                Shed,
-                {
-                    "reason": self.reason,
-                    "retry_after": self.retry_after,
-                    "partition": self.partition,
-                },
-            ),
-        )
+        return _reduce(Shed, self, "reason", "retry_after", "partition")
+
+
+def _reduce(cls: type[PoolGuardError], err: PoolGuardError, *names: str, **extra: Any) -> Any:
+    """``__reduce__``'s answer: unpickling calls ``cls`` with the named attributes of ``err``
+    (and ``extra``) as keywords, so no driver message or statement text is pickled."""
+    return _rebuild, (cls, {**{name: getattr(err, name) for name in names}, **extra})
 
 
 def _rebuild(
