@@ -372,21 +372,19 @@ class Quarantine:
     def hold_probe(self, fingerprint: str) -> bool:
         """Let no probe of this fingerprint through here until :meth:`grant_probe`: the
         fleet lets exactly one member probe per cool-down. False if it is not quarantined."""
-        with self._lock:
-            b = self._breakers.get(fingerprint)
-            if b is None:
-                return False
-            b.held = True
-            return True
+        return self._set_held(fingerprint, True)
 
     def grant_probe(self, fingerprint: str) -> bool:
         """This member may probe (the fleet granted it, or the fleet is out of reach and
         each member probes for itself). False if it is not quarantined."""
+        return self._set_held(fingerprint, False)
+
+    def _set_held(self, fingerprint: str, held: bool) -> bool:
         with self._lock:
             b = self._breakers.get(fingerprint)
             if b is None:
                 return False
-            b.held = False
+            b.held = held
             return True
 
     def probe_status(
