@@ -34,6 +34,31 @@ class Assessment:
     recommendations: tuple[str, ...] = field(default=())
 
 
+#: The server's time-outs that should not be 0 (disabled), and the advice when one is.
+_PG_BACKSTOPS = (
+    (
+        "statement_timeout",
+        "set a server-side backstop for every client, e.g. ALTER ROLE <app role> SET "
+        "statement_timeout = '30s'",
+    ),
+    (
+        "idle_in_transaction_session_timeout",
+        "a transaction left open holds its connection and its locks forever; e.g. ALTER ROLE "
+        "<app role> SET idle_in_transaction_session_timeout = '60s'",
+    ),
+)
+_MYSQL_BACKSTOPS = (
+    (
+        "max_statement_time",
+        "set a server-side backstop, e.g. SET GLOBAL max_statement_time = 30",
+    ),
+    (
+        "max_execution_time",
+        "set a backstop for SELECTs, e.g. SET GLOBAL max_execution_time = 30000 (milliseconds)",
+    ),
+)
+
+
 def assess(facts: ServerFacts, fleet: Fleet) -> Assessment:
     """The arithmetic and the advice: pure, so every branch is testable without a server."""
     usable = facts.usable
@@ -82,29 +107,10 @@ def assess(facts: ServerFacts, fleet: Fleet) -> Assessment:
         )
 
     t = facts.timeouts
-    if pg:
-        if t.get("statement_timeout") == 0:
-            recs.append(
-                "statement_timeout is 0 (disabled): set a server-side backstop for every "
-                "client, e.g. ALTER ROLE <app role> SET statement_timeout = '30s'"
-            )
-        if t.get("idle_in_transaction_session_timeout") == 0:
-            recs.append(
-                "idle_in_transaction_session_timeout is 0 (disabled): a transaction left open "
-                "holds its connection and its locks forever; e.g. ALTER ROLE <app role> SET "
-                "idle_in_transaction_session_timeout = '60s'"
-            )
-    else:
-        if t.get("max_statement_time") == 0:
-            recs.append(
-                "max_statement_time is 0 (disabled): set a server-side backstop, e.g. "
-                "SET GLOBAL max_statement_time = 30"
-            )
-        if t.get("max_execution_time") == 0:
-            recs.append(
-                "max_execution_time is 0 (disabled): set a backstop for SELECTs, e.g. "
-                "SET GLOBAL max_execution_time = 30000 (milliseconds)"
-            )
+    for name, advice in _PG_BACKSTOPS if pg else _MYSQL_BACKSTOPS:
+        if t.get(name) == 0:
+            recs.append(f"{name} is 0 (disabled): {advice}")
+    if not pg:
         wait = t.get("wait_timeout")
         if wait:
             recs.append(
