@@ -92,16 +92,12 @@ def _gather_postgresql(conn: Any) -> ServerFacts:
         for name in ("statement_timeout", "idle_in_transaction_session_timeout", "lock_timeout")
         if name in settings
     }
-    states = {
-        str(r[0]): int(r[1])
-        for r in conn.execute(
-            text(
-                "SELECT coalesce(state, 'unknown'), count(*) FROM pg_stat_activity "
-                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() "
-                "GROUP BY 1 ORDER BY 1"
-            )
-        ).all()
-    }
+    states = _counts(
+        conn,
+        "SELECT coalesce(state, 'unknown'), count(*) FROM pg_stat_activity "
+        "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() "
+        "GROUP BY 1 ORDER BY 1",
+    )
     return ServerFacts(
         backend="postgresql",
         version=f"PostgreSQL {version}",
@@ -111,6 +107,13 @@ def _gather_postgresql(conn: Any) -> ServerFacts:
         connection_states=states,
         timeouts=timeouts,
     )
+
+
+def _counts(conn: Any, sql: str) -> dict[str, int]:
+    """A query's (name, count) rows, as a dict."""
+    from sqlalchemy import text
+
+    return {str(r[0]): int(r[1]) for r in conn.execute(text(sql)).all()}
 
 
 def _gather_mysql(conn: Any) -> ServerFacts:
@@ -128,16 +131,12 @@ def _gather_mysql(conn: Any) -> ServerFacts:
     connected = int(threads[0][1]) - 1 if threads else 0  # minus the check's own
     states: dict[str, int] = {}
     try:
-        states = {
-            str(r[0]): int(r[1])
-            for r in conn.execute(
-                text(
-                    "SELECT COMMAND, COUNT(*) FROM information_schema.PROCESSLIST "
-                    "WHERE ID <> CONNECTION_ID() AND COMMAND <> 'Daemon' "
-                    "GROUP BY COMMAND ORDER BY COMMAND"
-                )
-            ).all()
-        }
+        states = _counts(
+            conn,
+            "SELECT COMMAND, COUNT(*) FROM information_schema.PROCESSLIST "
+            "WHERE ID <> CONNECTION_ID() AND COMMAND <> 'Daemon' "
+            "GROUP BY COMMAND ORDER BY COMMAND",
+        )
     except Exception:  # the role may lack PROCESS; the total above is enough
         states = {}
     mariadb = "mariadb" in version.lower()
