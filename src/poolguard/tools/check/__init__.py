@@ -22,6 +22,7 @@ import math
 import os
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from poolguard.tools.check.arithmetic import Assessment, Status, assess
 from poolguard.tools.check.facts import Backend, CheckError, Fleet, ServerFacts
@@ -187,13 +188,7 @@ def _deployment(args: argparse.Namespace) -> Fleet:
     if problem is not None:
         raise CheckError(problem)
     if args.fleet is None:
-        return Fleet(
-            pool_size=args.pool_size,
-            max_overflow=args.max_overflow,
-            workers=args.workers,
-            replicas=args.replicas,
-            other_clients=args.other_clients,
-        )
+        return Fleet(**_as_given(args), workers=args.workers, replicas=args.replicas)
     from poolguard.fleet import read_fleet
 
     try:
@@ -207,11 +202,14 @@ def _deployment(args: argparse.Namespace) -> Fleet:
     if not live["exists"] or live["max_connections"] is None:
         raise CheckError(f"no fleet named {args.fleet_name!r} in that Redis")
     return Fleet(
-        pool_size=args.pool_size,
-        max_overflow=args.max_overflow,
+        **_as_given(args),
         workers=max(1, len(live["members"])),
         replicas=1,
-        other_clients=args.other_clients,
         cap=live["max_connections"],
         name=args.fleet_name,
     )
+
+
+def _as_given(args: argparse.Namespace) -> dict[str, Any]:
+    """The Fleet fields that both kinds of deployment take from the arguments as they are."""
+    return {name: getattr(args, name) for name in ("pool_size", "max_overflow", "other_clients")}
