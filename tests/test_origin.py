@@ -193,7 +193,7 @@ def test_without_application_frames_the_nearest_library_frame_is_named(
     assert leak_sites(alerts) == [f"{fake}:2 in run"]
 
 
-def test_the_decision_is_cached_per_code_object(
+def test_the_decision_is_cached_per_file(
     engine: sa.Engine, make_guard: MakeGuard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     make_guard(engine)

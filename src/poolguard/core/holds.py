@@ -9,10 +9,10 @@ connection it was made for (a reconnect replaces the DBAPI connection and so the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from types import CodeType
 from typing import Any
 
 from poolguard.core.budget import BudgetScope
+from poolguard.core.origin import Origin, describe
 from poolguard.observe.fingerprint import Fingerprint
 from poolguard.policy.gate import Ticket
 
@@ -29,7 +29,7 @@ class Hold:
     ticket: Ticket
     scope: BudgetScope | None
     since: float
-    origin: tuple[CodeType, int] | None
+    origin: Origin | None
     conn: ConnState
     fp: Fingerprint | None = None
     reported: bool = False
@@ -42,10 +42,7 @@ class Hold:
     @property
     def where(self) -> str:
         """Where the checkout began, formatted only when a report needs it."""
-        if self.origin is None:
-            return "<unknown>"
-        code, line = self.origin
-        return f"{code.co_filename}:{line} in {code.co_name}"
+        return describe(self.origin)
 
 
 @dataclass(eq=False)

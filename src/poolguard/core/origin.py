@@ -15,7 +15,7 @@ lives in the same few places. Library code is code from:
 Everything else is the application: the first such frame is the checkout site. When there is
 none (an application installed into site-packages, say), the site is the nearest frame of a
 library other than SQLAlchemy and poolguard: the layer that asked for the connection. The
-decision is cached per code object, so after warm-up a frame costs one dict lookup; the
+decision is cached per file, so after warm-up a frame costs one dict lookup; the
 result is kept as a code object and a line (no frame, so no locals stay alive) and formatted
 only when a report needs it.
 """
@@ -29,7 +29,7 @@ from types import CodeType, FrameType
 
 import sqlalchemy
 
-__all__ = ["checkout_origin", "is_application_file"]
+__all__ = ["Origin", "checkout_origin", "describe", "is_application_file"]
 
 #: Tiers of a code object's file: application code ends the walk; a third-party library's
 #: is remembered as the fallback; the database and interpreter layers are skipped.
@@ -88,48 +88,79 @@ def is_application_file(filename: str) -> bool:
     return _tier(filename) == _APPLICATION
 
 
-#: Per code object, its tier: a web request's checkout sits under tens of framework frames,
-#: and a dict lookup per frame is cheaper than looking at its path. Keyed by id (hashing a
-#: code object hashes its bytecode); the entry keeps its code object alive, so the id cannot
-#: be reused while it is cached. Cleared when full (code made at run time could otherwise
-#: grow it).
-_tier_cache: dict[int, tuple[CodeType, int]] = {}
+#: Files known to be SQLAlchemy's, poolguard's or the interpreter's: the frames a walk skips,
+#: and most of the frames it sees (a web request's checkout sits under tens of them). A set of
+#: ``co_filename`` strings, which cache their own hash, so skipping a frame is one membership
+#: test; every other file's tier is in ``_tier_cache``. Both are cleared when full (files
+#: made at run time could otherwise grow them).
+_skip_files: set[str] = set()
+_tier_cache: dict[str, int] = {}
 _TIER_CACHE_MAX = 4096
 
+#: An origin: the code object and the offset of its last instruction (``f_lasti``). The line
+#: is looked up only when a report needs it: ``f_lineno`` scans the line table at every read.
+Origin = tuple[CodeType, int]
 
-def checkout_origin() -> tuple[CodeType, int] | None:
+
+def checkout_origin() -> Origin | None:
     """The first application frame on the stack: where a checkout began.
 
-    Called by the checkout that the pool's patched ``connect`` calls: ``sys._getframe(2)``
-    starts the walk at that ``connect``, skipping this function and the checkout itself (the
-    walk skips poolguard's frames by location anyway, so a deeper call still works). Kept as
-    code object and line (no locals, unlike a frame); formatted on demand. None when the stack
-    holds neither application nor library code (nothing but SQLAlchemy and the interpreter).
+    Called by the checkout that the pool's patched ``connect`` calls: ``sys._getframe(3)``
+    starts the walk at the caller of that ``connect``, skipping this function, the checkout
+    and ``connect`` itself (poolguard's own frames; each frame the walk visits costs a frame
+    object, the walk's main cost). Kept as code object and instruction offset (no locals,
+    unlike a frame); formatted by :func:`describe`. None when the stack holds neither
+    application nor library code (nothing but SQLAlchemy and the interpreter).
     """
-    f: FrameType | None = sys._getframe(2)
-    cache = _tier_cache
-    fallback: tuple[CodeType, int] | None = None
+    f: FrameType | None = sys._getframe(3)
+    skip = _skip_files
+    fallback: Origin | None = None
     glet: object = None
     hops = 0
-    while f is not None:
-        code = f.f_code
-        entry = cache.get(id(code))
-        if entry is not None and entry[0] is code:
-            tier = entry[1]
-        else:
-            if len(cache) >= _TIER_CACHE_MAX:
-                cache.clear()
-            tier = _tier(code.co_filename)
-            cache[id(code)] = (code, tier)
-        if tier == _APPLICATION:
-            return code, f.f_lineno
-        if tier == _LIBRARY and fallback is None:
-            fallback = (code, f.f_lineno)
-        f = f.f_back
-        if f is None and hops < _MAX_GREENLET_HOPS:
-            f, glet = _parent_greenlet_frame(glet)
-            hops += 1
-    return fallback
+    while True:
+        while f is not None:
+            code = f.f_code
+            if code.co_filename in skip:
+                f = f.f_back
+                continue
+            tier = _tier_cache.get(code.co_filename)
+            if tier is None:
+                tier = _classify(code.co_filename)
+            if tier == _APPLICATION:
+                return code, f.f_lasti
+            if tier == _LIBRARY and fallback is None:
+                fallback = (code, f.f_lasti)
+            f = f.f_back
+        if hops == _MAX_GREENLET_HOPS:
+            return fallback
+        f, glet = _parent_greenlet_frame(glet)
+        if f is None:
+            return fallback
+        hops += 1
+
+
+def _classify(filename: str) -> int:
+    """The tier of ``filename``, remembered."""
+    if len(_tier_cache) >= _TIER_CACHE_MAX or len(_skip_files) >= _TIER_CACHE_MAX:
+        _tier_cache.clear()
+        _skip_files.clear()
+    tier = _tier(filename)
+    if tier == _INFRASTRUCTURE:
+        _skip_files.add(filename)
+    else:
+        _tier_cache[filename] = tier
+    return tier
+
+
+def describe(origin: Origin | None) -> str:
+    """``file:line in function`` for an origin, ``<unknown>`` for none."""
+    if origin is None:
+        return "<unknown>"
+    code, lasti = origin
+    line = next((n for start, end, n in code.co_lines() if start <= lasti < end), None)
+    if line is None:
+        line = code.co_firstlineno
+    return f"{code.co_filename}:{line} in {code.co_name}"
 
 
 #: Greenlets to climb from the one the checkout runs in (SQLAlchemy's asyncio layer runs one
