@@ -22,6 +22,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import fields
+from typing import TypeVar
 
 from poolguard.tools.diff.compare import (
     OVERALL,
@@ -66,16 +67,20 @@ __all__ = [
 ]
 
 _DEFAULTS = DiffOptions()
+_T = TypeVar("_T")
+
+
+def _converted(convert: Callable[[str], _T], text: str, what: str) -> _T:
+    """``convert(text)``, or the usage error that names what was expected."""
+    try:
+        return convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {safe(repr(text))[:40]}") from None
 
 
 def _whole(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a whole number, got {safe(repr(text))[:40]}"
-            ) from None
+        value = _converted(int, text, "a whole number")
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
         return value
@@ -85,12 +90,7 @@ def _whole(minimum: int) -> Callable[[str], int]:
 
 def _number(minimum: float, maximum: float = math.inf) -> Callable[[str], float]:
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected a number, got {safe(repr(text))[:40]}"
-            ) from None
+        value = _converted(float, text, "a number")
         if not math.isfinite(value) or not minimum <= value <= maximum:
             upper = f" and <= {maximum:g}" if maximum < math.inf else ""
             raise argparse.ArgumentTypeError(f"must be a finite number >= {minimum:g}{upper}")
