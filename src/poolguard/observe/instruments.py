@@ -38,6 +38,18 @@ class Instruments:
     transitions: Counter
 
 
+#: poolguard's own counters: (Instruments field, name, unit, description).
+_OWN_COUNTERS = (
+    ("refusals", "poolguard.refusals", "{refusal}",
+     "Work poolguard refused, by kind (saturated, timeout, quarantined, budget, shed, leak)."),
+    ("shed", "poolguard.shed", "{request}", "Requests shed before their handler ran."),
+    ("stmt_timeouts", "poolguard.statement.timeouts", "{timeout}",
+     "Statements stopped by their time-out."),
+    ("transitions", "poolguard.quarantine.transitions", "{transition}",
+     "Quarantine circuit-breaker transitions of a statement fingerprint."),
+)  # fmt: skip
+
+
 def create_instruments(
     meter: Meter,
     *,
@@ -111,37 +123,17 @@ def create_instruments(
         )
 
     # -- poolguard's own ---------------------------------------------------------------------
-    refusals = meter.create_counter(
-        "poolguard.refusals",
-        unit="{refusal}",
-        description="Work poolguard refused, by kind (saturated, timeout, quarantined, "
-        "budget, shed, leak).",
-    )
-    shed = meter.create_counter(
-        "poolguard.shed",
-        unit="{request}",
-        description="Requests shed before their handler ran.",
-    )
-    stmt_timeouts = meter.create_counter(
-        "poolguard.statement.timeouts",
-        unit="{timeout}",
-        description="Statements stopped by their time-out.",
-    )
-    transitions = meter.create_counter(
-        "poolguard.quarantine.transitions",
-        unit="{transition}",
-        description="Quarantine circuit-breaker transitions of a statement fingerprint.",
-    )
+    own = {
+        field: meter.create_counter(name, unit=unit, description=description)
+        for field, name, unit, description in _OWN_COUNTERS
+    }
     return Instruments(
         wait_time=wait_time,
         create_time=create_time,
         use_time=use_time,
         conn_timeouts=conn_timeouts,
         op_duration=op_duration,
-        refusals=refusals,
-        shed=shed,
-        stmt_timeouts=stmt_timeouts,
-        transitions=transitions,
+        **own,
     )
 
 
