@@ -13,7 +13,6 @@ import contextvars
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
 
 from poolguard import validate
 from poolguard.errors import BudgetExceeded
@@ -218,22 +217,13 @@ class scope_context:
         self._token = _current.set(self._scope)
         return self._scope
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
+        # The scope ends the same way whether or not the block raised.
         assert self._token is not None
         _current.reset(self._token)
 
     async def __aenter__(self) -> BudgetScope:
         return self.__enter__()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.__exit__(exc_type, exc, tb)
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__(*exc_info)
