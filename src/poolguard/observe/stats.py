@@ -35,6 +35,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import cast
 
 from poolguard import validate
@@ -111,35 +112,21 @@ def _rounded_to_us(seconds: float) -> float:
     return round(seconds, 6)
 
 
+@dataclass(slots=True, eq=False, repr=False)
 class _Row:
     """Counters of one fingerprint; mutated only under ``lock``."""
 
-    __slots__ = (
-        "buckets",
-        "count",
-        "errors",
-        "fp",
-        "hold_buckets",
-        "hold_count",
-        "hold_max",
-        "max",
-        "refusals",
-        "timeouts",
-        "total",
-    )
-
-    def __init__(self, fp: Fingerprint) -> None:
-        self.fp = fp
-        self.count = 0
-        self.errors = 0
-        self.timeouts = 0
-        self.total = 0.0
-        self.max = 0.0
-        self.buckets = [0] * _NBUCKETS
-        self.refusals: dict[str, int] = {}
-        self.hold_count = 0
-        self.hold_max = 0.0
-        self.hold_buckets: list[int] | None = None  # most fingerprints never get one
+    fp: Fingerprint
+    count: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    total: float = 0.0
+    max: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * _NBUCKETS)
+    refusals: dict[str, int] = field(default_factory=dict)
+    hold_count: int = 0
+    hold_max: float = 0.0
+    hold_buckets: list[int] | None = None  # most fingerprints never get one
 
     def as_dict(self) -> dict[str, object]:
         # Called with the registry lock held: rows change only while it is held.
