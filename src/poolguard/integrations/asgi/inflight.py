@@ -106,11 +106,11 @@ class InFlight:
     def leave(self, partition: str) -> None:
         with self._lock:
             self.count -= 1
-            n = self.by_partition[partition] - 1
+            # A partition with nothing left in flight is dropped: the table stays as small
+            # as what is in flight.
+            n = self.by_partition.pop(partition) - 1
             if n:
                 self.by_partition[partition] = n
-            else:
-                del self.by_partition[partition]
 
 
 _in_flight: weakref.WeakKeyDictionary[PoolGuard, InFlight] = weakref.WeakKeyDictionary()
