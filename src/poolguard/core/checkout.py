@@ -49,6 +49,8 @@ class CheckoutPath:
         self.checkout_timeout = parts.config.timeouts.checkout_timeout
         self.telemetry = parts.telemetry
         self._patched: weakref.WeakSet[Pool] = weakref.WeakSet()
+        #: The enforcer's, read once: it is fixed for the guard's life.
+        self.tracks_transactions = parts.enforcer.tracks_transactions
         self.closed = False
 
     # -- installing on the pool -------------------------------------------------------------
@@ -223,31 +225,38 @@ class CheckoutPath:
 
     # -- the end of a checkout ----------------------------------------------------------------
     def on_checkin(self, dbapi_connection: Any, record: Any) -> None:
-        self.release(record)
-        enforcer = self.p.enforcer
-        if enforcer.tracks_transactions:
-            state = record.__dict__.get("_poolguard_state")
+        hold = self.release(record)
+        if self.tracks_transactions:
+            state = hold.conn if hold is not None else record.__dict__.get("_poolguard_state")
             if state is not None:
-                enforcer.on_transaction_end(state.info)
+                self.p.enforcer.on_transaction_end(state.info)
 
     def on_detach(self, dbapi_connection: Any, record: Any) -> None:
         self.release(record)
 
-    def release(self, record: Any) -> None:
+    def release(self, record: Any) -> Hold | None:
+        """End ``record``'s checkout, if it is one of ours; returns its hold."""
         hold = self.held.pop(record, None)
         if hold is None:
-            return
+            return None
         self.gate.release(hold.ticket)
         if hold.scope is not None:
             hold.scope.release_connection()
+        # How long it was held matters only to a meter, a statement's row and a leak's
+        # report: a checkout that ran no statement, unmetered, reads no clock.
+        fp = hold.fp
+        metered = self.telemetry.metered  # brought up to date by the checkout
+        if fp is None and not metered and not hold.reported:
+            return hold
         used = time.monotonic() - hold.since
         p = self.p
-        if self.telemetry.metered:  # brought up to date by the checkout
+        if metered:
             p.telemetry.connection_used(used)
-        if hold.fp is not None:
-            p.stats.record_hold(hold.fp, used)
+        if fp is not None:
+            p.stats.record_hold(fp, used)
         if hold.reported:
             p.log.info("connection checked out at %s returned after %.1f s", hold.where, used)
+        return hold
 
     def on_connect(self, dbapi_connection: Any, record: Any) -> None:
         now = time.monotonic()

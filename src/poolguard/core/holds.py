@@ -22,7 +22,7 @@ __all__ = ["ConnState", "Hold", "conn_state"]
 _STATE_ATTR = "_poolguard_state"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Hold:
     """One checkout in flight: what the gate, the budget and the leak report need."""
 
