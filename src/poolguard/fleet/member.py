@@ -37,6 +37,7 @@ from poolguard.fleet.metrics import FleetMetrics
 from poolguard.fleet.quarantine_link import QuarantineLink
 from poolguard.fleet.store import REBALANCE, Reply, Store, StoreError, parse_entry
 from poolguard.observe.alerts import Alerter, AlertKind
+from poolguard.policy.gate import ACTIVE
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
@@ -48,6 +49,9 @@ if TYPE_CHECKING:
 __all__ = ["RedisMember"]
 
 log = logging.getLogger("poolguard.fleet")
+
+#: Seconds between heartbeats while a member gives leases back or waits for its base share.
+DRAIN_BEAT = 0.1
 
 
 class RedisMember:
@@ -100,6 +104,8 @@ class RedisMember:
         self.total = 0
         self.starving = False
         self.last_sync = 0.0
+        self.opened = False  # the gate opens once it holds its base share (see _apply)
+        self._joined = time.monotonic()
         self.counts = {"granted": 0, "refused": 0, "failed": 0, "skipped": 0, "cancelled": 0}
         self.degraded_episodes = 0
         self.metrics = FleetMetrics(self, fleet=fleet.name, meter_provider=meter_provider)
@@ -233,7 +239,9 @@ class RedisMember:
             )
             # One borrow in flight per member: it asks for every waiter, and the gate hands
             # what it gets to the queue, so a burst costs Redis one round trip, not one each.
-            if want <= g.capacity or self._in_flight:
+            # Leases above the capacity are being given back (the gate shrinks, or has not
+            # opened yet): a reply would only say so, and nothing may be borrowed then.
+            if want <= g.capacity or self._in_flight or self.leases > g.capacity:
                 self.counts["skipped"] += 1
                 return None
             self._in_flight += 1
@@ -288,11 +296,15 @@ class RedisMember:
             starving=self.starving,
         )
         seq = next(self._seq)
-        if plan.lower_to is not None and not self.degraded:
+        slots = g.slots
+        if (plan.lower_to is not None or slots > g.capacity) and not self.degraded:
+            # Lower first (the capacity, and what is still leased above it for light
+            # partitions while the heavy one drains), tell Redis after.
+            lower_to = g.capacity if plan.lower_to is None else plan.lower_to
             with self._lock:
                 self._applied_seq = seq
-                g.set_capacity(plan.lower_to)
-        want = max(plan.want, g.held)
+                slots = g.set_capacity(lower_to, leased=self.leases)
+        want = max(plan.want, g.held, slots)
         if not self.known:
             want = 0  # learn the fair share first; the next round trip asks for it
         try:
@@ -353,11 +365,24 @@ class RedisMember:
             self.known = True
             self.leases = reply.leases
             self.members = reply.members
+            # Each member sees 1/members of a route's requests: a route that counts as
+            # active (the gate keeps headroom free for it) must look as much further back.
+            self.gate.active_window = ACTIVE * max(1, reply.members)
             self.total = reply.total
             self.base = shares.base_share(reply.fair, self.pool)
             self.starving = reply.starving
-            self.last_sync = time.monotonic()
-            self.gate.set_capacity(max(0, min(reply.leases, self.pool, keep)))
+            self.last_sync = now = time.monotonic()
+            capacity = max(0, min(reply.leases, self.pool, keep))
+            if not self.opened:
+                # A member that just joined opens its gate with its whole base share: with
+                # one or two slots, the first slow requests to arrive would take them all.
+                # The members above their share give it back within their slowest holder
+                # (a statement time-out at most); after one lease TTL it opens anyway.
+                if reply.leases >= self.base or now - self._joined >= self.fleet.lease_ttl:
+                    self.opened = True
+                else:
+                    capacity = 0
+            self.gate.set_capacity(capacity, leased=min(reply.leases, self.pool))
 
     # -- degraded mode -------------------------------------------------------------------------
     def _lose(self, err: BaseException) -> None:
@@ -365,6 +390,7 @@ class RedisMember:
             if self.degraded or self.closed:
                 return
             self.degraded = True
+            self.opened = True  # on its last known base share now, whatever it holds
             self._applied_seq = next(self._seq)  # whatever reply is still in flight is stale
             cap = shares.degraded_capacity(
                 base=self.base, fallback=min(self.fleet.fallback_share, self.pool), known=self.known
@@ -395,7 +421,7 @@ class RedisMember:
             if now >= next_beat or self._beat_now:
                 self._beat_now = False
                 self._heartbeat()
-                next_beat = time.monotonic() + every
+                next_beat = time.monotonic() + self._beat_every()
             come_back = next_beat
             if not self.degraded:
                 try:
@@ -404,6 +430,16 @@ class RedisMember:
                     self._lose(e)
             self._wake_event.wait(max(0.0, min(come_back - time.monotonic(), every)))
             self._wake_event.clear()
+
+    def _beat_every(self) -> float:
+        """Seconds to the next heartbeat: ``heartbeat``, or :data:`DRAIN_BEAT` while the gate
+        holds leases above its capacity (it shrinks, or waits to open). A member below its
+        base share waits for what a shrinking one gives back as its holders return, and a
+        whole heartbeat of delay was measured as a second of newcomers on one slot."""
+        g = self.gate
+        if not self.degraded and (not self.opened or self.leases > g.capacity):
+            return min(self.fleet.heartbeat, DRAIN_BEAT)
+        return self.fleet.heartbeat
 
     def _listen(self) -> None:
         ps: Any = None

@@ -78,11 +78,24 @@ elseif rejoin and now - created < ttl then
   if g < created + ttl then redis.call('HSET', meta, 'grace', created + ttl) end
 end
 local vals = redis.call('HGETALL', leases)
-local others, n = 0, 1
+local others, n, held = 0, 1, {}
 for i = 1, #vals, 2 do
   if vals[i] ~= me then
-    others = others + tonumber(vals[i + 1])
+    local h = tonumber(vals[i + 1])
+    others = others + h
     n = n + 1
+    held[vals[i]] = h
+  end
+end
+local fair = math.floor(cap / n)
+-- What the other members below their base share still need. Nobody grows past its own
+-- base share into it: a member that just joined gets its share before anyone borrows.
+local need = 0
+local pv = redis.call('HGETALL', pools)
+for i = 1, #pv, 2 do
+  if pv[i] ~= me then
+    local short = math.min(tonumber(pv[i + 1]), fair) - (held[pv[i]] or 0)
+    if short > 0 then need = need + short end
   end
 end
 local grace = (num(redis.call('HGET', meta, 'grace')) or 0) - now
@@ -94,7 +107,10 @@ if applied == 1 then
   if want <= cur then
     cur = math.max(want, 0)
   elseif grace <= 0 then
-    cur = cur + math.max(0, math.min(want - cur, cap - others - cur))
+    local free = cap - others - cur
+    local upto = math.max(0, math.min(math.min(want, math.min(pool, fair)) - cur, free))
+    local above = math.max(0, math.min(want - cur - upto, free - upto - need))
+    cur = cur + upto + above
   end
   redis.call('HSET', leases, me, cur)
   redis.call('HSET', seqs, me, seq)
@@ -104,15 +120,12 @@ end
 redis.call('ZADD', exp, now + ttl, me)
 redis.call('HSET', pools, me, pool)
 redis.call('HSET', info, me, ARGV[9])
-local fair = math.floor(cap / n)
 local free = cap - others - cur
 local starving = 0
-local pv = redis.call('HGETALL', pools)
+local function short(base, h) if h < base and free < base - h then starving = 1 end end
+short(math.min(pool, fair), cur)
 for i = 1, #pv, 2 do
-  local m = pv[i]
-  local base = math.min(tonumber(pv[i + 1]), fair)
-  local held = num(redis.call('HGET', leases, m)) or 0
-  if held < base and free < base - held then starving = 1 end
+  if pv[i] ~= me then short(math.min(tonumber(pv[i + 1]), fair), held[pv[i]] or 0) end
 end
 local qver = num(redis.call('HGET', meta, 'qver')) or 0
 return {cur, n, others + cur, fair, math.max(grace, 0), starving, qver, applied}

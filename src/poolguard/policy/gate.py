@@ -104,7 +104,13 @@ class Gate:
         self.headroom = min(
             max(1, (capacity - reserve - self.partition_cap) // 2), capacity - reserve - 1
         )
+        # The most slots held at once: ``capacity``, or more while a fleet member shrinks
+        # (:meth:`set_capacity` with ``leased``).
+        self._slots = capacity
         self._last_grant: dict[str, float] = {}
+        #: How far back "recently granted" looks (:data:`ACTIVE`; a fleet member looks
+        #: further: it sees only its part of each route's traffic).
+        self.active_window = ACTIVE
         self._lock = threading.Lock()
         self._held = 0
         self._held_by: dict[str, int] = {}
@@ -124,7 +130,10 @@ class Gate:
     def _eligible(self, partition: str, rank: int) -> bool:
         limit = self.capacity if rank == _CRITICAL else self.capacity - self.reserve
         if self._held >= limit:
-            return False
+            # Shrinking (fleet mode): the slots still leased above the capacity serve only
+            # partitions below their share, so the one holding most shrinks first.
+            spare = self._slots - (self.capacity - limit)
+            return self._held < spare and self._held_by.get(partition, 0) < self.partition_cap
         if self._held_by.get(partition, 0) >= self.partition_cap:
             others_waiting = self._waiting - self._waiting_by.get(partition, 0)
             if others_waiting > 0:
@@ -134,8 +143,8 @@ class Gate:
         return True
 
     def _others_active(self, partition: str) -> bool:
-        """Whether another partition was granted a slot within the last ``ACTIVE`` seconds."""
-        since = time.monotonic() - ACTIVE
+        """Whether another partition was granted a slot within ``active_window`` seconds."""
+        since = time.monotonic() - self.active_window
         return any(t > since for p, t in self._last_grant.items() if p != partition)
 
     def _grant(self, partition: str) -> float:
@@ -166,7 +175,7 @@ class Gate:
             if not q:
                 continue
             i = 0
-            while i < len(q) and self._held < self.capacity:
+            while i < len(q) and self._held < self._slots:
                 w = q[i]
                 # Eligibility is judged with this waiter counted as not waiting.
                 self._dequeue(w)
@@ -385,14 +394,23 @@ class Gate:
     #: :meth:`set_capacity`: later capacities scale from these, never from a scaled value.
     _configured: tuple[int, int, int] | None = None
 
-    def set_capacity(self, capacity: int) -> None:
+    def set_capacity(self, capacity: int, *, leased: int | None = None) -> int:
         """Move the number of slots (fleet mode: the connections this process holds leases for).
 
         The critical reserve and the partition cap scale with it from the values the gate was
         built with, so critical work keeps its reserve and a route its share whatever the
         capacity. 0 is allowed: every checkout then has to borrow first. Lowering it takes no
-        slot away from its holder (they come back as usual, and none is granted until fewer
-        than ``capacity`` are held); raising it grants queued waiters at once.
+        slot away from its holder (they come back as usual); raising it grants queued waiters
+        at once.
+
+        Lowered below what is held, the gate grants nothing until fewer than ``capacity``
+        are held, unless ``leased`` says how many slots the caller still holds: then up to
+        the critical reserve and one ``headroom`` (at least one) above those held, within
+        ``leased`` and the slots the gate had, stay for partitions below their share. The
+        holders of a slow route then shrink it as they come back, while a light route is
+        served at once instead of queueing behind them (a fleet member whose share fell
+        from 10 to 3 while a rogue route held 7). Returns the most slots the gate may now
+        hold: what the caller must keep leased.
         """
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
@@ -408,8 +426,19 @@ class Gate:
             self.headroom = max(
                 0, min(max(1, (capacity - reserve - part) // 2), capacity - reserve - 1)
             )
+            spare = 0
+            if leased is not None:
+                room = reserve + max(1, self.headroom)
+                spare = min(leased, self._slots, self._held + room)
+            self._slots = slots = max(capacity, spare)
             woken = self._dispatch()
         self._wake(woken)
+        return slots
+
+    @property
+    def slots(self) -> int:
+        """The most slots the gate may hold now: ``capacity``, or more while it shrinks."""
+        return self._slots
 
     @property
     def configured_capacity(self) -> int:
