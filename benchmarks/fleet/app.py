@@ -15,6 +15,8 @@ import argparse
 import json
 import signal
 import sys
+import threading
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -71,6 +73,31 @@ def build_app(dsn: str, redis_url: str, name: str, cap: int, tag: str) -> FastAP
     return app
 
 
+def trace(guard: PoolGuard, path: str, every: float = 0.02) -> None:
+    """Append the gate and the member's leases to ``path`` every ``every`` seconds (JSON
+    lines, wall-clock time), in-process so that tracing adds no request: the replay lines
+    refusals up against what the member had and held at that moment."""
+    gate, member = guard.gate, guard._parts.fleet
+    with open(path, "a", buffering=1) as f:
+        while True:
+            g = gate.snapshot()
+            m = member.snapshot() if member is not None else {}
+            row = {
+                "t": round(time.time(), 3),
+                "cap": g.capacity,
+                "part_cap": g.partition_cap,
+                "held": g.held,
+                "waiting": g.waiting,
+                "held_by": g.held_by_partition,
+                "waiting_by": g.waiting_by_partition,
+                "leases": m.get("leases"),
+                "share": m.get("share"),
+                "starving": m.get("starving"),
+            }
+            f.write(json.dumps(row, separators=(",", ":")) + "\n")
+            time.sleep(every)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dsn", required=True)
@@ -78,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--name", required=True)
     ap.add_argument("--cap", type=int, required=True)
     ap.add_argument("--tag", required=True)
+    ap.add_argument("--trace", default=None, help="append gate samples to this file")
     args = ap.parse_args(argv)
     app = build_app(args.dsn, args.redis, args.name, args.cap, args.tag)
+    if args.trace:
+        threading.Thread(target=trace, args=(app.state.guard, args.trace), daemon=True).start()
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     serve(app, lambda port: print(json.dumps({"port": port}), flush=True))
     return 0

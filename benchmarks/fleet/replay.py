@@ -55,6 +55,9 @@ class Outcome:
     status: int
     label: str
     latency: float
+    member: int = -1  # index of the process it was sent to
+    detail: str = ""  # a refusal's problem document: its kind, reason and partition
+    wall: float = 0.0  # time.time() when it was sent, to line up with member traces
 
 
 @dataclass
@@ -62,12 +65,16 @@ class Fleet:
     dsn: str
     redis: str
     tag: str
+    trace_dir: str | None = None
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
 
     def start(self, n: int) -> None:
         new = []
         for _ in range(n):
+            extra = []
+            if self.trace_dir is not None:
+                extra = ["--trace", f"{self.trace_dir}/member-{len(self.procs)}.jsonl"]
             p = subprocess.Popen(
                 [
                     sys.executable,
@@ -83,6 +90,7 @@ class Fleet:
                     str(CAP),
                     "--tag",
                     self.tag,
+                    *extra,
                 ],
                 stdout=subprocess.PIPE,
                 text=True,
@@ -142,6 +150,18 @@ def _label(status: int, body: bytes) -> str:
     return str(status)
 
 
+def _detail(status: int, body: bytes) -> str:
+    """A refusal's kind and detail from its problem document ("" for a 200)."""
+    if status == 200:
+        return ""
+    try:
+        d = json.loads(body)
+        kind = str(d.get("type", "")).rsplit("/", 1)[-1]
+        return f"{kind}: {d.get('detail', '')}"
+    except (ValueError, AttributeError):
+        return f"{status} (no problem document)"
+
+
 async def drive(fleet: Fleet, sc: dict[str, Any], duration: float) -> list[Outcome]:
     start = time.monotonic() + 0.5
     rogue_from = duration / 3
@@ -154,14 +174,19 @@ async def drive(fleet: Fleet, sc: dict[str, Any], duration: float) -> list[Outco
     async with httpx.AsyncClient(limits=limits, timeout=CLIENT_TIMEOUT) as client:
 
         async def send(i: int, kind: str, at: float) -> None:
-            port = fleet.ports[i % len(fleet.ports)]
+            member = i % len(fleet.ports)
+            port = fleet.ports[member]
             path = "/item/7" if kind == "read" else f"/report?seconds={sc['rogue_seconds']}"
+            wall = time.time()
+            detail = ""
             try:
                 r = await client.get(f"http://127.0.0.1:{port}{path}")
                 status, label = r.status_code, _label(r.status_code, r.content)
+                detail = _detail(r.status_code, r.content)
             except httpx.HTTPError:
                 status, label = 0, "client_timeout"
-            outcomes.append(Outcome(kind, at, status, label, time.monotonic() - start - at))
+            latency = time.monotonic() - start - at
+            outcomes.append(Outcome(kind, at, status, label, latency, member, detail, wall))
 
         tasks = []
         scaled = False
@@ -178,7 +203,7 @@ async def drive(fleet: Fleet, sc: dict[str, Any], duration: float) -> list[Outco
     return outcomes
 
 
-def run(name: str, duration: float, db: str) -> dict[str, Any]:
+def run(name: str, duration: float, db: str, trace_dir: str | None = None) -> dict[str, Any]:
     sc = SCENARIOS[name]
     dsn = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
     raw = f"host=127.0.0.1 port=5432 user=postgres dbname={db}"
@@ -188,7 +213,7 @@ def run(name: str, duration: float, db: str) -> dict[str, Any]:
         c.execute("create table fleet_replay_items (id int primary key, val int not null)")
         c.execute("insert into fleet_replay_items select g, 0 from generate_series(1, 1000) g")
     redis = PrivateRedis()
-    fleet = Fleet(dsn, redis.url, tag)
+    fleet = Fleet(dsn, redis.url, tag, trace_dir)
     stop, samples = threading.Event(), []
     try:
         fleet.start(sc["procs"])
@@ -232,6 +257,17 @@ def run(name: str, duration: float, db: str) -> dict[str, Any]:
         "rogue_statuses": _count(o.label for o in rogue),
         "rogue_timeouts_before_quarantine": timeouts_before if first_q is not None else None,
         "timeline": _timeline(healthy, duration),
+        "healthy_refusals": [
+            {
+                "at": round(o.at, 3),
+                "wall": round(o.wall, 3),
+                "member": o.member,
+                "latency_ms": round(o.latency * 1e3, 1),
+                "detail": o.detail or o.label,
+            }
+            for o in healthy
+            if o.status != 200
+        ],
         "members_at_end": len(stats),
         "strikes_sent": sum(s["fleet"]["quarantine"]["strikes_sent"] for s in stats),
         "remote_opened": sum(s["fleet"]["quarantine"]["remote_opened"] for s in stats),
@@ -265,15 +301,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", default="all", choices=[*SCENARIOS, "all"])
     ap.add_argument("--duration", type=float, default=30.0)
     ap.add_argument("--db", default="test_h6")
+    ap.add_argument(
+        "--trace", default=None, help="directory: each member appends its gate every 20 ms"
+    )
+    ap.add_argument("--out", default=str(RESULTS), help="results file (JSON, merged)")
     args = ap.parse_args(argv)
+    results = Path(args.out)
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    data = json.loads(results.read_text()) if results.exists() else {}
     for n in names:
-        r = run(n, args.duration, args.db)
+        r = run(n, args.duration, args.db, args.trace)
         data[n] = r
         print(json.dumps(r, indent=2), flush=True)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(data, indent=2) + "\n")
+        results.parent.mkdir(parents=True, exist_ok=True)
+        results.write_text(json.dumps(data, indent=2) + "\n")
     return 0
 
 
