@@ -30,12 +30,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from poolguard.fleet import shares
 from poolguard.fleet.metrics import FleetMetrics
 from poolguard.fleet.quarantine_link import QuarantineLink
-from poolguard.fleet.store import REBALANCE, Reply, Store, StoreError, parse_entry
+from poolguard.fleet.store import REBALANCE, Reply, Store, StoreError, Terms, parse_entry
 from poolguard.observe.alerts import Alerter, AlertKind
 from poolguard.policy.gate import ACTIVE
 
@@ -52,6 +52,12 @@ log = logging.getLogger("poolguard.fleet")
 
 #: Seconds between heartbeats while a member gives leases back or waits for its base share.
 DRAIN_BEAT = 0.1
+
+
+class _Borrow(NamedTuple):
+    want: int
+    seq: int
+    t0: float  # perf_counter() when it started, for the borrow duration metric
 
 
 class RedisMember:
@@ -84,9 +90,8 @@ class RedisMember:
             on_transition=on_transition,
             wake=self._wake_event.set,
         )
-        self._info = json.dumps(
-            {"host": socket.gethostname(), "pid": os.getpid(), "pool": self.pool}
-        )
+        info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "pool": self.pool})
+        self._terms = Terms(fleet.lease_ttl, fleet.max_connections, self.pool, info)
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         self._applied_seq = 0
@@ -124,41 +129,28 @@ class RedisMember:
 
     # -- the protocol --------------------------------------------------------------------------
     def borrow(self) -> bool:
-        started = self._borrow_start()
-        if started is None:
+        b = self._borrow_start()
+        if b is None:
             return False
-        want, seq = started
-        t0 = time.perf_counter()
         try:
-            reply = self._sync(seq, want)
+            return self._borrow_done(self._sync(b.seq, b.want), b)
         except StoreError as e:
-            return self._borrow_failed(e, t0)
-        return self._borrow_done(reply, want, t0)
+            return self._borrow_failed(e, b)
 
     async def borrow_async(self) -> bool:
-        started = self._borrow_start()
-        if started is None:
+        b = self._borrow_start()
+        if b is None:
             return False
-        want, seq = started
-        t0 = time.perf_counter()
         try:
-            reply = await self.store.sync_async(
-                self.id,
-                seq,
-                want=want,
-                ttl=self.fleet.lease_ttl,
-                cap=self.fleet.max_connections,
-                pool=self.pool,
-                info=self._info,
-            )
+            reply = await self.store.sync_async(self.id, b.seq, self._terms, want=b.want)
         except StoreError as e:
-            return self._borrow_failed(e, t0)
+            return self._borrow_failed(e, b)
         except BaseException:  # cancelled: the heartbeat reconciles what Redis granted
             with self._lock:
                 self._in_flight -= 1
             self.counts["cancelled"] += 1
             raise
-        return self._borrow_done(reply, want, t0)
+        return self._borrow_done(reply, b)
 
     def strike(self, fingerprint: str, summary: str) -> None:
         if not self.closed:
@@ -221,7 +213,9 @@ class RedisMember:
         }
 
     # -- borrowing -----------------------------------------------------------------------------
-    def _borrow_start(self) -> tuple[int, int] | None:
+    def _borrow_start(self) -> _Borrow | None:
+        """A borrow to make now (what to ask for, its sequence number, when it started), or
+        None: nothing to ask, or nothing may be asked."""
         if self.closed or self.degraded or self.starving:
             self.counts["skipped"] += 1
             return None
@@ -245,41 +239,31 @@ class RedisMember:
                 self.counts["skipped"] += 1
                 return None
             self._in_flight += 1
-        return want, next(self._seq)
+        return _Borrow(want, next(self._seq), time.perf_counter())
 
     def _sync(self, seq: int, want: int, *, claim: int = 0, rejoin: bool = False) -> Reply:
         """One round trip: renew this member's leases and ask for ``want`` of them."""
-        return self.store.sync(
-            self.id,
-            seq,
-            want=want,
-            claim=claim,
-            ttl=self.fleet.lease_ttl,
-            cap=self.fleet.max_connections,
-            pool=self.pool,
-            info=self._info,
-            rejoin=rejoin,
-        )
+        return self.store.sync(self.id, seq, self._terms, want=want, claim=claim, rejoin=rejoin)
 
-    def _borrow_done(self, reply: Reply, want: int, t0: float) -> bool:
-        elapsed = time.perf_counter() - t0
+    def _borrow_done(self, reply: Reply, b: _Borrow) -> bool:
+        elapsed = time.perf_counter() - b.t0
         before = self.gate.capacity
         with self._lock:
             self._in_flight -= 1
         self._apply(reply, keep=self.pool)
         raised = self.gate.capacity > before
-        if reply.leases < want:
+        if reply.leases < b.want:
             self._no_borrow_until = time.monotonic() + self.fleet.refusal_backoff
         outcome = "granted" if raised else "refused"
         self.counts[outcome] += 1
         self.metrics.borrow(outcome, elapsed)
         return raised
 
-    def _borrow_failed(self, err: BaseException, t0: float) -> bool:
+    def _borrow_failed(self, err: BaseException, b: _Borrow) -> bool:
         with self._lock:
             self._in_flight -= 1
         self.counts["failed"] += 1
-        self.metrics.borrow("failed", time.perf_counter() - t0)
+        self.metrics.borrow("failed", time.perf_counter() - b.t0)
         self._lose(err)
         return False
 

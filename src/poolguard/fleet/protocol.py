@@ -11,14 +11,30 @@ when the local gate is full and makes at most one bounded round trip.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from poolguard.observe.alerts import Alerter
     from poolguard.policy.gate import Gate
     from poolguard.policy.quarantine import Quarantine, Transition
 
-__all__ = ["Fleet", "FleetMember"]
+__all__ = ["Fleet", "FleetMember", "JoinParts"]
+
+
+class _JoinRequired(TypedDict):
+    gate: Gate
+    quarantine: Quarantine
+    alerts: Alerter
+    pool_capacity: int
+
+
+class JoinParts(_JoinRequired, total=False):
+    """What a guard hands its fleet when it joins (:meth:`Fleet.join`'s keywords), declared
+    once: every implementation takes exactly these. ``on_transition`` is optional."""
+
+    on_transition: Callable[[Transition], None] | None
 
 
 class FleetMember(Protocol):
@@ -57,15 +73,7 @@ class FleetMember(Protocol):
 class Fleet(Protocol):
     """A fleet configuration (``RedisFleet(...)``); one member per guarded engine."""
 
-    def join(
-        self,
-        *,
-        gate: Gate,
-        quarantine: Quarantine,
-        alerts: Alerter,
-        pool_capacity: int,
-        on_transition: Callable[[Transition], None] | None = None,
-    ) -> FleetMember:
+    def join(self, **parts: Unpack[JoinParts]) -> FleetMember:
         """Join once per guard. ``on_transition`` (optional) is called, from the member's
         threads, for every breaker change applied from the fleet (opened, reopened or
         closed elsewhere), so the guard can report it and cancel running copies of a

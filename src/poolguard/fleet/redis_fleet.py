@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
+    from typing_extensions import Unpack
 
     from poolguard.fleet.member import RedisMember
-    from poolguard.observe.alerts import Alerter
-    from poolguard.policy.gate import Gate
-    from poolguard.policy.quarantine import Quarantine, Transition
+    from poolguard.fleet.protocol import JoinParts
 
 __all__ = ["RedisFleet", "read_fleet"]
 
@@ -132,28 +130,12 @@ class RedisFleet:
         #: Where Redis is, without credentials: for stats and logs.
         self.where = f"{parts.scheme}://{parts.hostname or ''}:{parts.port or 6379}{parts.path}"
 
-    def join(
-        self,
-        *,
-        gate: Gate,
-        quarantine: Quarantine,
-        alerts: Alerter,
-        pool_capacity: int,
-        on_transition: Callable[[Transition], None] | None = None,
-    ) -> RedisMember:
+    def join(self, **parts: Unpack[JoinParts]) -> RedisMember:
         """A member for one guard (see :class:`~poolguard.fleet.protocol.Fleet`). Makes at
         most a few bounded round trips; with Redis away it returns a degraded member."""
         from poolguard.fleet.member import RedisMember
 
-        return RedisMember(
-            self,
-            gate=gate,
-            quarantine=quarantine,
-            alerts=alerts,
-            pool_capacity=pool_capacity,
-            on_transition=on_transition,
-            meter_provider=self.meter_provider,
-        )
+        return RedisMember(self, meter_provider=self.meter_provider, **parts)
 
     def __repr__(self) -> str:
         return (

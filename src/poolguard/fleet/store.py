@@ -25,7 +25,7 @@ from redis.retry import Retry
 
 from poolguard.fleet import scripts
 
-__all__ = ["REBALANCE", "Entry", "Reply", "Store", "StoreError"]
+__all__ = ["REBALANCE", "Entry", "Reply", "Store", "StoreError", "Terms"]
 
 #: The pub/sub message a member below its base share sends: "renew now, please".
 REBALANCE = '"kind":"rebalance"'
@@ -34,6 +34,21 @@ REBALANCE = '"kind":"rebalance"'
 #: What a failed round trip raises: time-outs, refused connections, a Redis that says
 #: "LOADING" or "BUSY", a script error. All mean "Redis cannot help right now".
 StoreError = (redis.RedisError, OSError)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What every sync of one member says besides its request, the same each time: its
+    leases' TTL, the fleet's cap, its pool, and the JSON ``poolguard check`` shows."""
+
+    ttl: float
+    cap: int
+    pool: int
+    info: str
+
+    def args(self) -> tuple[int, int, int, str]:
+        """The SYNC script's ARGV from ``ttl_ms`` to ``info_json``, less ``claim``'s place."""
+        return _ms(self.ttl), self.cap, self.pool, self.info
 
 
 @dataclass(frozen=True)
@@ -119,30 +134,16 @@ class Store:
 
     # -- leases -------------------------------------------------------------------------------
     def sync(
-        self,
-        member: str,
-        seq: int,
-        *,
-        want: int,
-        claim: int,
-        ttl: float,
-        cap: int,
-        pool: int,
-        info: str,
-        rejoin: bool,
+        self, member: str, seq: int, terms: Terms, *, want: int, claim: int, rejoin: bool
     ) -> Reply:
         """Renew this member's leases and ask for ``want`` of them (one round trip)."""
-        r = self._run(
-            "sync", member, seq, want, claim, _ms(ttl), cap, pool, info, "1" if rejoin else "0"
-        )
+        r = self._run("sync", member, seq, want, claim, *terms.args(), "1" if rejoin else "0")
         return _reply(seq, r)
 
-    async def sync_async(
-        self, member: str, seq: int, *, want: int, ttl: float, cap: int, pool: int, info: str
-    ) -> Reply:
+    async def sync_async(self, member: str, seq: int, terms: Terms, *, want: int) -> Reply:
         """As :meth:`sync` (a borrow) on the running loop's own ``redis.asyncio`` client."""
         script = await self._async_script()
-        args = [self.prefix, member, seq, want, 0, _ms(ttl), cap, pool, info, "0"]
+        args = [self.prefix, member, seq, want, 0, *terms.args(), "0"]
         return _reply(seq, await script(keys=self._keys, args=args))
 
     def publish_rebalance(self, member: str) -> None:
