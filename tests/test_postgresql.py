@@ -647,3 +647,23 @@ def test_session_ids_are_trusted_only_when_the_server_confirms_them(
         assert guard.enforcer.backend_pid(raw, {SERVER_ID: server_pid}) == server_pid
         assert guard.enforcer.backend_pid(raw, {SERVER_ID: server_pid + 1}) is None
         assert guard.enforcer.backend_pid(raw, {}) is None
+
+
+@pytest.mark.parametrize("driver", SYNC_DRIVERS)
+def test_the_dialects_first_connect_queries_are_not_the_callers(
+    make_guard: MakeGuard, pg_url: str, driver: str
+) -> None:
+    """A fresh engine's first checkout runs SQLAlchemy's own queries (server version,
+    schema, string settings) inside the caller's checkout: they are the connection's, not
+    the caller's. A budget of one statement takes the caller's one, and the statistics list
+    only it."""
+    engine = sa.create_engine(sync_url(pg_url, driver), pool_size=1)
+    seen: list[str] = []
+    # A dialect-level listener: the first-connect Connection fires no Connection events.
+    sa.event.listen(engine, "do_execute", lambda cursor, stmt, params, ctx: seen.append(stmt))
+    guard = make_guard(engine)
+    with guard.budget(max_queries=1), engine.connect() as c:
+        assert c.execute(sa.text("SELECT 41 + 1")).scalar() == 42
+    assert len(seen) > 1, "the dialect ran its own queries first: the test needs them"
+    summaries = [row["summary"] for row in guard.stats()["statements"]]
+    assert summaries == ["SELECT"], summaries

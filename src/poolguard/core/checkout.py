@@ -20,23 +20,19 @@ from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.util import await_only
 from sqlalchemy.util.concurrency import in_greenlet
 
-from poolguard.core.budget import PRIORITIES, PRIORITY_RANK, Budget, BudgetScope
+from poolguard.core.budget import PRIORITIES, PRIORITY_RANK, BudgetScope
 from poolguard.core.budget import _current as _scope_var
 from poolguard.core.holds import ConnState, Hold, conn_state
 from poolguard.core.origin import checkout_origin
 from poolguard.errors import PoolSaturated
 from poolguard.observe.telemetry import METER_PROVIDER
-from poolguard.policy.gate import DEFAULT_PARTITION, Gate, Ticket
+from poolguard.policy.gate import DEFAULT_PARTITION, Gate
 from poolguard.policy.shedding import estimate_retry_after
 
 if TYPE_CHECKING:
     from poolguard.core.parts import Parts
 
-__all__ = ["CONNECTING", "CheckoutPath"]
-
-#: Stands in for the budget scope while the pool creates a connection: statements run then
-#: (the dialect's first-connect queries, users' connect listeners) are the connection's own.
-CONNECTING = BudgetScope(Budget())
+__all__ = ["CheckoutPath"]
 
 
 class CheckoutPath:
@@ -92,21 +88,22 @@ class CheckoutPath:
     # -- the checkout -------------------------------------------------------------------------
     def checkout(self, original: Callable[[], Any]) -> Any:
         scope = _scope_var.get()
-        if scope is CONNECTING:  # a connect listener checking out another connection
-            scope = None
         if scope is not None:
             partition = scope.partition or DEFAULT_PARTITION
             rank = PRIORITY_RANK[scope.priority]
             scope.admit_connection()
         else:
             partition, rank = DEFAULT_PARTITION, 1
+        # The slot is tracked by the hold (no Ticket): the hold is popped from ``held``
+        # exactly once, which gives the slot back exactly once.
+        gate = self.gate
         try:
-            ticket = self.gate.try_acquire(partition, rank)
-            if ticket is None:
+            since = gate.grant_now(partition, rank)
+            if since is None:
                 now = time.monotonic()
-                ticket = self._wait(scope, partition, rank, now)
+                since = self._wait(scope, partition, rank, now)
             else:
-                now = ticket.acquired_at
+                now = since
                 if rank:
                     # Critical work skips the queue (reserve, priority), so its near-zero
                     # waits say nothing about the queue: only other work's waits feed CoDel.
@@ -123,12 +120,10 @@ class CheckoutPath:
                     and tel.went_live()
                 ):
                     tel.no_wait(partition=partition, priority=PRIORITIES[rank])
-            # Statements run while connecting belong to the connection, not to the caller.
-            token = _scope_var.set(CONNECTING)
             try:
                 fairy = original()
             except sa_exc.TimeoutError as err:
-                self.gate.release(ticket)
+                gate.release_slot(partition)
                 raise PoolSaturated(
                     waited=time.monotonic() - now,
                     limit=self.checkout_timeout,
@@ -136,12 +131,10 @@ class CheckoutPath:
                     partition=partition,
                 ) from err
             except BaseException as err:
-                self.gate.release(ticket)
+                gate.release_slot(partition)
                 if isinstance(err, Exception):  # not a cancel or Ctrl-C: the connect failed
                     self.p.connection_failed(time.monotonic())
                 raise
-            finally:
-                _scope_var.reset(token)
         except BaseException:
             if scope is not None:
                 scope.release_connection()
@@ -150,12 +143,12 @@ class CheckoutPath:
         if record in self.held:
             # SingletonThreadPool and StaticPool hand one connection to overlapping
             # checkouts; it is returned once, so only the first checkout holds a slot.
-            self.gate.release(ticket)
+            gate.release_slot(partition)
             if scope is not None:
                 scope.release_connection()
             return fairy
         state = conn_state(record)
-        self.held[record] = Hold(ticket, scope, ticket.acquired_at, checkout_origin(), state)
+        self.held[record] = Hold(partition, scope, since, checkout_origin(), state)
         if state.owner is not self.p.identity:
             self._prepare(fairy, record, state, now)
         return fairy
@@ -182,7 +175,8 @@ class CheckoutPath:
             p.telemetry.connection_created(time.monotonic() - state.created_at)
             state.created_at = None
 
-    def _wait(self, scope: BudgetScope | None, partition: str, rank: int, now: float) -> Ticket:
+    def _wait(self, scope: BudgetScope | None, partition: str, rank: int, now: float) -> float:
+        """Wait for a slot (borrowing one from the fleet first); returns when it was granted."""
         limit, reason = self.checkout_timeout, "checkout_timeout"
         if scope is not None and scope.deadline_at is not None:
             left = scope.deadline_at - now
@@ -192,9 +186,9 @@ class CheckoutPath:
         is_async = p.is_async and in_greenlet()
         fleet = p.fleet
         if fleet is not None and (await_only(fleet.borrow_async()) if is_async else fleet.borrow()):
-            ticket = self.gate.try_acquire(partition, rank)
-            if ticket is not None:
-                return ticket
+            granted = self.gate.grant_now(partition, rank)
+            if granted is not None:
+                return granted
         start_ns = time.time_ns()
         if is_async:
             got = await_only(self.gate.acquire_async(partition, rank, limit))
@@ -221,7 +215,7 @@ class CheckoutPath:
             )
             p.refused(err, "saturated", partition)
             raise err
-        return got
+        return got.acquired_at
 
     # -- the end of a checkout ----------------------------------------------------------------
     def on_checkin(self, dbapi_connection: Any, record: Any) -> None:
@@ -239,7 +233,7 @@ class CheckoutPath:
         hold = self.held.pop(record, None)
         if hold is None:
             return None
-        self.gate.release(hold.ticket)
+        self.gate.release_slot(hold.partition)
         if hold.scope is not None:
             hold.scope.release_connection()
         # How long it was held matters only to a meter, a statement's row and a leak's

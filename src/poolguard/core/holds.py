@@ -14,7 +14,6 @@ from typing import Any
 from poolguard.core.budget import BudgetScope
 from poolguard.core.origin import Origin, describe
 from poolguard.observe.fingerprint import Fingerprint
-from poolguard.policy.gate import Ticket
 
 __all__ = ["ConnState", "Hold", "conn_state"]
 
@@ -26,7 +25,8 @@ _STATE_ATTR = "_poolguard_state"
 class Hold:
     """One checkout in flight: what the gate, the budget and the leak report need."""
 
-    ticket: Ticket
+    #: The gate partition whose slot it holds (given back when the hold ends).
+    partition: str
     scope: BudgetScope | None
     since: float
     origin: Origin | None

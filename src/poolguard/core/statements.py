@@ -16,10 +16,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine.interfaces import DBAPICursor, ExecutionContext
+from sqlalchemy.pool import _AdhocProxiedConnection
 
 from poolguard.core.budget import BudgetScope
 from poolguard.core.budget import _current as _scope_var
-from poolguard.core.checkout import CONNECTING
 from poolguard.core.outcome import Outcome
 from poolguard.errors import BudgetExceeded, QueryQuarantined, QueryTimeout
 from poolguard.observe.fingerprint import Fingerprint
@@ -127,9 +127,13 @@ class StatementPath:
         """
         if context is None:  # SQLAlchemy's own statements outside any execution
             return False
+        conn = context._dbapi_connection  # type: ignore[attr-defined]
+        if conn.__class__ is _AdhocProxiedConnection:
+            # SQLAlchemy's own first-connect statements (the dialect's initialize()), made
+            # inside some caller's checkout: the connection's, not the caller's. Left to
+            # SQLAlchemy as if poolguard were not there.
+            return False
         scope = _scope_var.get()
-        if scope is CONNECTING:
-            return False  # let SQLAlchemy run it as if poolguard were not there
         if execute is None:
             later = self._later
             if later is None:  # the first statement: poolguard's listener is installed
@@ -156,7 +160,7 @@ class StatementPath:
                         q.record_error(fp.id, now)
                     self.p.refused(err, "budget", scope.partition, fp)
                     raise
-        record = context._dbapi_connection._connection_record  # type: ignore[attr-defined]
+        record = conn._connection_record
         hold = self.held.get(record)
         if timeout != default or not self.baseline:
             try:

@@ -85,7 +85,7 @@ def scan(p: Parts, now: float) -> None:
         hold.reported = True
         p.leaks_reported += 1
         summary = hold.fp.summary if hold.fp is not None else "no statement yet"
-        partition = hold.ticket.partition
+        partition = hold.partition
         msg = (
             f"connection held {now - hold.since:.1f} s (hold_timeout {limit:g} s), "
             f"checked out at {hold.where}, partition {partition}, last statement {summary}"
