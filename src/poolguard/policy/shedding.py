@@ -131,23 +131,22 @@ class CoDelShedder:
         self._above_since = _INF
         # Whether the latest sample exceeded SEVERE_FACTOR * target.
         self._severe_now = False
+        #: Whether the latest sample was above target: only then does a sample at or below
+        #: it change anything (it ends the episode), so a checkout that did not wait can skip
+        #: :meth:`observe` otherwise. A plain attribute: every checkout reads it.
+        self.standing = False
 
     def observe(self, sojourn: float, now: float) -> None:
         """Record one queue delay (seconds; 0.0 for a checkout that did not wait)."""
         if sojourn > self.target:
             if self._above_since == _INF:
                 self._above_since = now
+                self.standing = True
             self._severe_now = sojourn > self._severe
         else:
             self._above_since = _INF
             self._severe_now = False
-
-    @property
-    def standing(self) -> bool:
-        """Whether the latest sample was above target: only then does a sample at or below
-        it change anything (it ends the episode), so a checkout that did not wait can skip
-        :meth:`observe` otherwise."""
-        return self._above_since != _INF
+            self.standing = False
 
     def level(self, now: float) -> int:
         """0 admits all; 1 sheds sheddable work; 2 sheds normal work too."""
