@@ -10,8 +10,8 @@ docs/configuration.md with the measurement behind it.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict
 
 from poolguard import validate as v
 
@@ -52,6 +52,9 @@ class TimeoutConfig:
     #: The user chose ``lock_timeout`` (not "auto"): on SQLite it then also replaces a busy
     #: timeout configured on the connection.
     lock_timeout_explicit: bool = False
+
+    #: Fields that are not PoolGuard options (derived by :meth:`GuardConfig.from_options`).
+    INTERNAL: ClassVar[frozenset[str]] = frozenset({"lock_timeout_explicit"})
 
     def __post_init__(self) -> None:
         v.seconds("statement_timeout", self.statement_timeout)
@@ -94,6 +97,14 @@ class QuarantineConfig:
     blame_lock_holders: bool = True
     cancel_quarantined: bool = True
 
+    #: PoolGuard's option for each field whose name is not the option's own.
+    OPTION_NAMES: ClassVar[dict[str, str]] = {
+        "threshold": "quarantine_threshold",
+        "window": "quarantine_window",
+        "cooldown": "quarantine_cooldown",
+        "allow": "quarantine_allow",
+    }
+
     def __post_init__(self) -> None:
         v.count("quarantine_threshold", self.threshold)
         v.seconds("quarantine_window", self.window, limit=None)
@@ -119,6 +130,8 @@ class ShedConfig:
 
     target: float = 0.005
     interval: float = 0.1
+
+    OPTION_NAMES: ClassVar[dict[str, str]] = {"target": "shed_target", "interval": "shed_interval"}
 
     def __post_init__(self) -> None:
         v.seconds("shed_target", self.target)
@@ -151,6 +164,8 @@ class TelemetryConfig:
 class AlertConfig:
     on_alert: Callable[[Alert], None] | None = field(default=None, compare=False)
     debounce: float = 60.0
+
+    OPTION_NAMES: ClassVar[dict[str, str]] = {"debounce": "alert_debounce"}
 
     def __post_init__(self) -> None:
         v.callable_or_none("on_alert", self.on_alert)
@@ -280,42 +295,11 @@ _SECTIONS: dict[str, Any] = {
     "alerts": AlertConfig,
 }
 
-#: Each PoolGuard option: (section, field). The user-facing names are the prefixed ones.
+#: Each PoolGuard option: (section, field), from the sections' own fields: an option is its
+#: field's name unless the section's ``OPTION_NAMES`` prefixes it (``quarantine_window``).
 _OPTIONS: dict[str, tuple[str, str]] = {
-    **{
-        n: ("timeouts", n)
-        for n in (
-            "statement_timeout",
-            "checkout_timeout",
-            "hold_timeout",
-            "lock_timeout",
-            "idle_in_transaction_timeout",
-            "pg_timeout_mode",
-            "reclaim_leaked",
-        )
-    },
-    **{n: ("gate", n) for n in ("capacity", "critical_reserve", "partition_share")},
-    "quarantine_threshold": ("quarantine", "threshold"),
-    "quarantine_window": ("quarantine", "window"),
-    "quarantine_cooldown": ("quarantine", "cooldown"),
-    "quarantine_allow": ("quarantine", "allow"),
-    "blame_lock_holders": ("quarantine", "blame_lock_holders"),
-    "cancel_quarantined": ("quarantine", "cancel_quarantined"),
-    "shed_target": ("shed", "target"),
-    "shed_interval": ("shed", "interval"),
-    **{
-        n: ("telemetry", n)
-        for n in (
-            "trace_statements",
-            "slow_statement_threshold",
-            "pool_name",
-            "max_fingerprints",
-            "operation_metrics",
-            "exception_events",
-            "meter_provider",
-            "tracer_provider",
-        )
-    },
-    "on_alert": ("alerts", "on_alert"),
-    "alert_debounce": ("alerts", "debounce"),
+    getattr(kind, "OPTION_NAMES", {}).get(f.name, f.name): (section, f.name)
+    for section, kind in _SECTIONS.items()
+    for f in fields(kind)
+    if f.name not in getattr(kind, "INTERNAL", ())
 }
