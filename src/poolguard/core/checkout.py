@@ -109,9 +109,8 @@ class CheckoutPath:
                     # waits say nothing about the queue: only other work's waits feed CoDel.
                     # A zero wait changes only a shedder whose queue stands (it ends the
                     # episode).
-                    # A partition with no shedder yet has no queue that could stand.
-                    shedder = self.p.shedders.get(partition)
-                    if shedder is not None and shedder.standing:
+                    shedder = self.p.shedders.get(partition) or self.p.shedder(partition)
+                    if shedder.standing:
                         shedder.observe(0.0, now)
                 # Zero waits belong in the wait-time histogram too, when a meter records.
                 tel = self.telemetry
