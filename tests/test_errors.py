@@ -124,8 +124,10 @@ def test_sqlalchemy_message_methods_print_only_poolguard_fields() -> None:
     [
         PoolSaturated(waited=0.25, limit=0.25, partition="GET /users"),
         BudgetExceeded("max_queries", used=21, allowed=20),
-        QueryQuarantined(fingerprint="0123456789abcdef", summary="SELECT t", retry_after=3.0),
-        Shed(reason="queue_delay", retry_after=1.0),
+        QueryQuarantined(
+            fingerprint="0123456789abcdef", summary="SELECT t", retry_after=3.0, partition="GET /"
+        ),
+        Shed(reason="queue_delay", retry_after=1.0, partition="GET /"),
     ],
 )
 def test_other_errors_print_only_their_own_fields(err: PoolGuardError) -> None:
@@ -134,3 +136,5 @@ def test_other_errors_print_only_their_own_fields(err: PoolGuardError) -> None:
     assert "\n" not in str(err)  # one log line
     again = pickle.loads(pickle.dumps(err))  # worker pools send errors between processes
     assert type(again) is type(err) and again.args == err.args
+    # every field survives, the partition too (a 503's body and metrics are built from them)
+    assert again.__dict__ == err.__dict__

@@ -226,7 +226,7 @@ class QueryQuarantined(PoolGuardError):
         )
 
     def __reduce__(self) -> Any:  # pragma: no cover
-        return _reduce(QueryQuarantined, self, "fingerprint", "summary", "retry_after")
+        return _reduce(QueryQuarantined, self, "fingerprint", "summary", "retry_after", "partition")
 
 
 class Shed(PoolGuardError):
