@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from poolguard.core.budget import PRIORITY_RANK
+from poolguard.policy.parking import park as _park
+from poolguard.policy.parking import park_async as _park_async
 
 __all__ = ["DEFAULT_PARTITION", "Gate", "GateSnapshot", "Ticket"]
 
@@ -29,9 +31,6 @@ DEFAULT_PARTITION = "default"
 ACTIVE = 1.0
 _MAX_TRACKED = 1024
 _CRITICAL = PRIORITY_RANK["critical"]
-#: The longest single wait on a lock or a future: far below ``threading.TIMEOUT_MAX`` and the
-#: platform's ``time_t``, far above any sensible checkout bound (longer waits loop).
-_MAX_STEP = 86_400.0
 
 
 class Ticket:
@@ -101,16 +100,10 @@ class Gate:
         # else would otherwise take every slot between two healthy requests, and each healthy
         # request would then wait for a rogue one to finish (seconds) although it was never
         # over its own share.
-        self.headroom = min(
-            max(1, (capacity - reserve - self.partition_cap) // 2), capacity - reserve - 1
-        )
-        # The most slots held at once: ``capacity``, or more while a fleet member shrinks
-        # (:meth:`set_capacity` with ``leased``).
-        self._slots = capacity
+        self.headroom = _headroom(capacity, reserve, self.partition_cap)
+        self._slots = capacity  # the most held at once: more while a fleet member shrinks
         self._last_grant: dict[str, float] = {}
-        #: How far back "recently granted" looks (:data:`ACTIVE`; a fleet member looks
-        #: further: it sees only its part of each route's traffic).
-        self.active_window = ACTIVE
+        self.active_window = ACTIVE  # how far back "recently granted" looks (fleet: further)
         self._lock = threading.Lock()
         # The fast paths take the lock through bound methods: ``with lock`` costs twice the
         # instructions on CPython 3.11 (its __enter__ parses arguments), and a checkout and
@@ -136,8 +129,7 @@ class Gate:
     def _eligible(self, partition: str, rank: int) -> bool:
         limit = self.capacity if rank == _CRITICAL else self.capacity - self.reserve
         if self._held >= limit:
-            # Shrinking (fleet mode): the slots still leased above the capacity serve only
-            # partitions below their share, so the one holding most shrinks first.
+            # Shrinking (fleet): slots leased above capacity serve partitions below their share.
             spare = self._slots - (self.capacity - limit)
             return self._held < spare and self._held_by.get(partition, 0) < self.partition_cap
         if self._held_by.get(partition, 0) >= self.partition_cap:
@@ -430,17 +422,12 @@ class Gate:
         The critical reserve and the partition cap scale with it from the values the gate was
         built with, so critical work keeps its reserve and a route its share whatever the
         capacity. 0 is allowed: every checkout then has to borrow first. Lowering it takes no
-        slot away from its holder (they come back as usual); raising it grants queued waiters
-        at once.
-
-        Lowered below what is held, the gate grants nothing until fewer than ``capacity``
-        are held, unless ``leased`` says how many slots the caller still holds: then up to
-        the critical reserve and one ``headroom`` (at least one) above those held, within
-        ``leased`` and the slots the gate had, stay for partitions below their share. The
-        holders of a slow route then shrink it as they come back, while a light route is
-        served at once instead of queueing behind them (a fleet member whose share fell
-        from 10 to 3 while a rogue route held 7). Returns the most slots the gate may now
-        hold: what the caller must keep leased.
+        slot away from its holder; raising it grants queued waiters at once. Lowered below
+        what is held, it grants nothing until fewer than ``capacity`` are held, unless
+        ``leased`` (slots the caller still holds) leaves up to the reserve and one headroom
+        above those held, within ``leased``, for partitions below their share: a slow route
+        shrinks as its holders return while light ones are served at once, not queued
+        behind them. Returns the most slots the gate may hold: what must stay leased.
         """
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
             raise ValueError(f"capacity must be an int >= 0, got {capacity!r}")
@@ -453,13 +440,9 @@ class Gate:
             self.capacity = capacity
             self.reserve = reserve
             self.partition_cap = part
-            self.headroom = max(
-                0, min(max(1, (capacity - reserve - part) // 2), capacity - reserve - 1)
-            )
-            spare = 0
-            if leased is not None:
-                room = reserve + max(1, self.headroom)
-                spare = min(leased, self._slots, self._held + room)
+            self.headroom = _headroom(capacity, reserve, part)
+            room = self._held + reserve + max(1, self.headroom)
+            spare = 0 if leased is None else min(leased, self._slots, room)
             self._slots = slots = max(capacity, spare)
             woken = self._dispatch()
         self._wake(woken)
@@ -477,45 +460,11 @@ class Gate:
         return self.capacity if c is None else c[0]
 
 
+def _headroom(capacity: int, reserve: int, partition_cap: int) -> int:
+    """Free slots a partition over its share may not take while others are active."""
+    return max(0, min(max(1, (capacity - reserve - partition_cap) // 2), capacity - reserve - 1))
+
+
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
-
-
-def _park(lock: threading.Lock, timeout: float) -> bool:
-    """Wait for a granted waiter's lock, up to ``timeout`` seconds (any positive float,
-    ``inf`` included); True when granted.
-
-    One ``Lock.acquire`` cannot wait past ``threading.TIMEOUT_MAX`` nor past what the
-    platform's ``time_t`` holds (1e10 s overflows): longer waits go in steps of
-    :data:`_MAX_STEP`, so a huge ``checkout_timeout`` means "wait", never ``OverflowError``.
-    """
-    if not timeout > 0:  # zero, negative and NaN: no wait
-        return False
-    if timeout <= _MAX_STEP:
-        return lock.acquire(timeout=timeout)
-    end = time.monotonic() + timeout
-    while True:
-        left = end - time.monotonic()
-        if left <= 0:
-            return False
-        if lock.acquire(timeout=min(left, _MAX_STEP)):
-            return True
-
-
-async def _park_async(future: asyncio.Future[None], timeout: float) -> None:
-    """As :func:`_park` for an async waiter; raises ``TimeoutError`` when none came. The
-    future is shielded: a time-out or a cancel leaves it for :meth:`Gate._abandon`."""
-    if not timeout > 0:
-        raise asyncio.TimeoutError
-    end = time.monotonic() + timeout
-    while True:
-        left = end - time.monotonic()
-        if left <= 0:
-            raise asyncio.TimeoutError
-        try:
-            await asyncio.wait_for(asyncio.shield(future), min(left, _MAX_STEP))
-            return
-        except (asyncio.TimeoutError, TimeoutError):
-            if left <= _MAX_STEP:
-                raise
