@@ -806,22 +806,21 @@ def test_the_global_providers_are_used_when_none_are_passed(
     assert "db.client.connection.wait_time" in otel.metrics()
 
 
-def test_api_only_costs_next_to_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_api_only_builds_no_span(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the API alone nothing is built per statement (what it costs is counted in
+    instructions by benchmarks/bench_instructions.py, not timed here)."""
     if not isinstance(trace_api.get_tracer_provider(), trace_api.ProxyTracerProvider):
         pytest.skip("a global SDK tracer provider is configured in this process")
     t = Telemetry(
         pool_name=POOL, db_system="sqlite", pool_state=lambda: PoolState(0, 0, 1, 1, 0, 0)
     )
     made: list[object] = []
-    monkeypatch.setattr(t, "_statement_span", lambda *a: made.append(a))
+    # A span's (and the operation histogram's) attributes are built by _attributes.
+    monkeypatch.setattr(t, "_attributes", lambda *a: made.append(a) or {})
     start = time.time_ns()
-    n = 20_000
-    t0 = time.perf_counter()
-    for _ in range(n):
+    for _ in range(1000):
         t.statement(USERS, start, start + MS, partition=None, timeout=None, error=None)
-    per_call = (time.perf_counter() - t0) / n
     assert made == [], "no span may be built without a recording parent"
-    assert per_call < 10e-6, f"statement() costs {per_call * 1e6:.2f} us with the API only"
     # Everything else works against the no-op API too.
     t.pool_wait(start, start + 5 * MS, partition="p", priority="normal", acquired=False)
     t.refusal(ValueError("x"), kind="budget", partition=None)

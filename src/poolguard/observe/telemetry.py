@@ -254,51 +254,15 @@ class Telemetry:
                 return
         elif end_ns - start_ns < self._slow_ns:
             return
-        self._statement_span(fp, start_ns, end_ns, partition, timeout, error)
-
-    def _record_operation(
-        self, fp: FingerprintLike, start_ns: int, end_ns: int, error: BaseException | None
-    ) -> None:
-        assert self._op_duration is not None
-        attrs: dict[str, AttributeValue] = {
-            DB_SYSTEM_NAME: self.db_system,
-            DB_QUERY_SUMMARY: fp.summary,
-        }
-        if fp.operation:
-            attrs[DB_OPERATION_NAME] = fp.operation
-        if error is not None:
-            attrs[ERROR_TYPE] = error_type(error)
-            code = response_status_code(error)
-            if code is not None:
-                attrs[DB_RESPONSE_STATUS_CODE] = code
-        self._op_duration.record((end_ns - start_ns) / 1e9, attrs)
-
-    def _statement_span(
-        self,
-        fp: FingerprintLike,
-        start_ns: int,
-        end_ns: int,
-        partition: str | None,
-        timeout: float | None,
-        error: BaseException | None,
-    ) -> None:
-        attrs: dict[str, AttributeValue] = {
-            DB_SYSTEM_NAME: self.db_system,
-            DB_QUERY_SUMMARY: fp.summary,
-            DB_QUERY_TEXT: fp.normalized,
-            PG_FINGERPRINT: fp.id,
-        }
-        if fp.operation:
-            attrs[DB_OPERATION_NAME] = fp.operation
+        # A span: the operation's attributes, and what only a trace shows (the statement's
+        # literal-free text, its fingerprint, the partition and the time-out it ran under).
+        attrs = self._attributes(fp, error)
+        attrs[DB_QUERY_TEXT] = fp.normalized
+        attrs[PG_FINGERPRINT] = fp.id
         if partition is not None:
             attrs[PG_PARTITION] = partition
         if timeout is not None:
             attrs[PG_TIMEOUT] = timeout
-        if error is not None:
-            attrs[ERROR_TYPE] = error_type(error)
-            code = response_status_code(error)
-            if code is not None:
-                attrs[DB_RESPONSE_STATUS_CODE] = code
         # Span name per the conventions: {db.query.summary}, else the operation, else the system.
         name = fp.summary or fp.operation or self.db_system
         span = self._tracer.start_span(
@@ -307,6 +271,29 @@ class Telemetry:
         if error is not None:
             self._mark_failed(span, error, end_ns)
         span.end(end_time=end_ns)
+
+    def _record_operation(
+        self, fp: FingerprintLike, start_ns: int, end_ns: int, error: BaseException | None
+    ) -> None:
+        assert self._op_duration is not None
+        self._op_duration.record((end_ns - start_ns) / 1e9, self._attributes(fp, error))
+
+    def _attributes(
+        self, fp: FingerprintLike, error: BaseException | None
+    ) -> dict[str, AttributeValue]:
+        """A statement's attributes in the operation histogram and on its span."""
+        attrs: dict[str, AttributeValue] = {
+            DB_SYSTEM_NAME: self.db_system,
+            DB_QUERY_SUMMARY: fp.summary,
+        }
+        if fp.operation:
+            attrs[DB_OPERATION_NAME] = fp.operation
+        if error is not None:
+            attrs[ERROR_TYPE] = error_type(error)
+            code = response_status_code(error)
+            if code is not None:
+                attrs[DB_RESPONSE_STATUS_CODE] = code
+        return attrs
 
     # -- the pool --------------------------------------------------------------------------------
     def no_wait(self, *, partition: str, priority: str) -> None:
