@@ -131,7 +131,10 @@ def test_a_rogue_route_under_real_contention_is_still_confined(
 
     assert {r.status_code for r in second} == {503}
     assert {r.json()["type"].rsplit("/", 1)[-1] for r in second} == {"shed"}
-    assert refused_in < 1.0  # refused before dispatch, not after a wait for the pool
+    # Refused before dispatch, not after a wait for the pool: a gate wait would last the 3 s
+    # checkout bound and end as pool-saturated, not shed (20 requests took 1.04 s once on a
+    # loaded 2-core machine, so the bound is the wait's, not a guess at this machine's speed).
+    assert refused_in < 2.0
     refusals = guard.stats()["refusals"]
     door = refusals.get("inflight", {}).get("GET /report", 0) + refusals.get("shed", {}).get(
         "GET /report", 0
