@@ -10,6 +10,10 @@ dependency of a request:
   async callers borrow on their own loop's ``redis.asyncio`` client;
 - renewals are batched: one heartbeat per member renews all its leases, whatever its
   checkout rate, on a worker thread of its own, which also sends strikes and claims probes;
+- a member whose share shrinks stops its heaviest route first (the gate serves only routes
+  below their share from the leases it still holds) and renews every :data:`DRAIN_BEAT`
+  until it is down to its share; a member that joins opens its gate with its whole base
+  share (measured: with one or two slots, a slow route took them all);
 - when a round trip fails the member is *degraded*: its gate falls back to its last known
   base share (so every member doing the same keeps the fleet within the cap), breakers keep
   working locally, an alert goes out, and the heartbeat keeps trying; the first success
