@@ -468,3 +468,28 @@ def test_checkout_interrupted_at_the_gate_keeps_the_pool_usable(
         assert guard.stats()["gate"]["held"] == 0
     finally:
         guard.close()
+
+
+def _cycle(g: Gate, n: int) -> None:
+    for _ in range(n):
+        t = g.try_acquire("p", 1)
+        assert t is not None
+        g.release(t)
+
+
+def test_the_drain_rate_is_a_busy_pools_and_sees_a_wedged_one() -> None:
+    """The rate is read with the caller's clock: 100 releases in the first second read as
+    about 100/s; a quiet spell nobody read does not lower it (a burst after it would
+    otherwise be refused as a pool that cannot drain); a whole window without a release,
+    read while requests arrive, reads as 0."""
+    g = Gate(5)
+    t0 = time.monotonic()
+    assert g.drain_rate(t0) == 0.0  # nothing measured yet
+    _cycle(g, 100)
+    busy = g.drain_rate(t0 + 1.0)
+    assert 90 <= busy <= 100
+    _cycle(g, 3)  # three releases in a three-second quiet spell that nobody read
+    assert g.drain_rate(t0 + 4.0) == busy
+    assert g.drain_rate(t0 + 4.5) == busy  # within the next window: unchanged
+    assert g.drain_rate(t0 + 5.0) == 0.0  # a whole window read on time, no release: wedged
+    assert g.held == 0 and g.waiting == 0

@@ -373,14 +373,23 @@ class Gate:
         return self._waiting_by.get(partition, 0)
 
     def drain_rate(self, now: float) -> float:
-        """Slots released per second, over the last whole second (or the time since the
-        last reading, when nobody read it for longer)."""
+        """Slots released per second, over the last whole second: how fast a busy pool
+        drains, for Retry-After and the "no capacity" judgement.
+
+        A window nobody read for two seconds or more measured a quiet pool (the middleware
+        reads it for every request): it lowers nothing, or the first burst after a quiet
+        spell would be judged by the quiet spell's rate and refused as a pool that cannot
+        drain (seen in bench_closed_loop.py: one refusal each at 30 and 60 clients, in the
+        warm-up after the app had idled 2.5 s). A wedged pool is still seen: the next whole
+        window, read while requests arrive, counts no release.
+        """
         if now - self._win_start >= 1.0:
             with self._lock:
                 elapsed = now - self._win_start
                 if elapsed >= 1.0:  # not rolled by another reader meanwhile
                     released = self.released_total
-                    self._last_rate = (released - self._win_base) / elapsed
+                    rate = (released - self._win_base) / elapsed
+                    self._last_rate = rate if elapsed < 2.0 else max(rate, self._last_rate)
                     self._win_start = now
                     self._win_base = released
         return self._last_rate
