@@ -144,3 +144,33 @@ def test_a_rogue_route_under_real_contention_is_still_confined(
     assert len(healthy) > 20 and set(healthy) == {200}
     assert all("GET /items/{item_id}" not in by for by in refusals.values())
     assert {r.status_code for r in first} <= {200, 503}
+
+
+def test_admission_knows_when_the_pool_grows(
+    make_guard: MakeGuard, sqlite_file_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening the pool's own connections (its overflow for a burst) marks the pool as
+    growing for one shedding interval, and admission tells the shedder so (which then
+    sheds no normal work for the queue's delay: test_shedding); reusing a pooled
+    connection does not. A 1 s interval keeps the test off this machine's timing."""
+    interval = 1.0
+    engine = sa.create_engine(sqlite_file_url, pool_size=1, max_overflow=1)
+    guard = make_guard(engine, shed_interval=interval)
+    seen: list[bool] = []
+    shedder = guard._parts.shedder("default")
+    decide = shedder.decide
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["growing"])
+        return decide(*args, **kwargs)
+
+    monkeypatch.setattr(shedder, "decide", spy)
+    assert guard.admit("normal").admit
+    with engine.connect(), engine.connect():  # the second one is the pool's overflow
+        pass
+    assert guard.admit("normal").admit
+    time.sleep(interval)
+    with engine.connect():  # a pooled connection: no growth
+        pass
+    assert guard.admit("normal").admit
+    assert seen == [False, True, False]

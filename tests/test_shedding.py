@@ -140,6 +140,18 @@ def test_a_severe_delay_sheds_normal_work_without_waiting_more_intervals() -> No
     assert s.level(0.11) == 1
 
 
+def test_a_queue_behind_a_growing_pool_sheds_no_normal_work() -> None:
+    """While the pool opens connections to grow (a burst opening its overflow), a severe
+    standing delay sheds sheddable work only; once it stops growing, normal work too."""
+    s = CoDelShedder(target=TARGET, interval=INTERVAL)
+    standing(s, 0.0, 0.2, sojourn=SEVERE)
+    assert s.level(0.2) == 2
+    assert admits(s, NORMAL, 0.2, oldest_wait=SEVERE, growing=True)
+    assert not admits(s, SHEDDABLE, 0.2, oldest_wait=SEVERE, growing=True)
+    d = s.decide(NORMAL, 0.2, oldest_wait=SEVERE, growing=False)
+    assert not d.admit and d.reason == "queue_delay"
+
+
 @pytest.mark.parametrize("level_at", [0.1, 0.3, 5.0])
 def test_critical_is_never_shed(level_at: float) -> None:
     s = CoDelShedder(target=TARGET, interval=INTERVAL)

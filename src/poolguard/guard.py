@@ -187,6 +187,7 @@ class PoolGuard:
             capacity=g.capacity,
             drain_rate=g.drain_rate(now),
             wait_bound=self.config.timeouts.checkout_timeout,
+            growing=now - self._parts.grew_at < self.config.shed.interval,
         )
         if not decision.admit:
             self.record_refusal("shed", partition)

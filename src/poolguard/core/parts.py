@@ -9,6 +9,7 @@ class (and the watchdog can hold the parts by a weak reference).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import InitVar, dataclass
@@ -74,6 +75,9 @@ class Parts:
         self.saturation = SaturationDetector()
         self.storm = StormDetector(threshold=storm_threshold)
         self.leaks_reported = 0
+        #: When the pool last opened a connection to grow (not to replace one): a queue
+        #: behind connections being opened is a burst the pool is sized for.
+        self.grew_at = -math.inf
         q = config.quarantine
         #: Only where the server can say who blocks whom, and name sessions to cancel.
         self.blame_lock_holders = q.blame_lock_holders and enforcer.can_blame
@@ -138,6 +142,8 @@ class Parts:
         """
         if reconnect:
             self._storm_sign(now, failed=False)
+        else:
+            self.grew_at = now
 
     def connection_failed(self, now: float) -> None:
         """A connection attempt failed (the server refused, was down, or is unreachable)."""
