@@ -15,9 +15,9 @@ lives in the same few places. Library code is code from:
 Everything else is the application: the first such frame is the checkout site. When there is
 none (an application installed into site-packages, say), the site is the nearest frame of a
 library other than SQLAlchemy and poolguard: the layer that asked for the connection. The
-decision is cached per file, so after warm-up a frame costs one dict lookup; the
-result is kept as a code object and a line (no frame, so no locals stay alive) and formatted
-only when a report needs it.
+decision is cached per file, so after warm-up a frame costs one set lookup; the result is
+kept as a code object and an instruction offset (no frame, so no locals stay alive), and its
+line is looked up only when a report needs it.
 """
 
 from __future__ import annotations
